@@ -1,0 +1,191 @@
+"""Datasets as tensors on the trial's device, and index samplers.
+
+A trial never uses a DataLoader: the whole training split lives on the device and batches are
+gathered by index, so a batch costs one ``index_select`` and every batch knows which examples
+it holds (GC and SVRG need the indices). Samplers are seeded per epoch, which makes a resumed
+trial draw exactly the batches an uninterrupted one would.
+
+Datasets: MNIST-1D generated locally by ``mnist1d.data.make_dataset`` (the offline default,
+cached as .npz), and MNIST / FashionMNIST / CIFAR-10 read by torchvision's own classes from
+``root`` (downloaded only when ``download: true`` and the internet is reachable).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+DATASETS = ("mnist1d", "mnist", "fashion_mnist", "cifar10")
+
+
+@dataclass
+class Batch:
+    """Inputs, targets and the indices of the examples in their split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+
+@dataclass
+class DataSplit:
+    """A split held as two tensors; ``batch(idx)`` gathers examples by index."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        idx = idx.to(self.x.device)
+        return Batch(self.x.index_select(0, idx), self.y.index_select(0, idx), idx)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """In-order batches covering every example (evaluation and full passes)."""
+        for start in range(0, len(self), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
+            yield self.batch(idx)
+
+    def to(self, device) -> "DataSplit":
+        return DataSplit(self.x.to(device), self.y.to(device))
+
+
+class UniformSampler:
+    """One epoch of batches drawn without replacement; the last partial batch is dropped so
+    every step sees exactly ``batch_size`` examples."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the training set ({n})")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        perm = torch.randperm(self.n, generator=self.generator)
+        for i in range(len(self)):
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator determined by (seed, epoch, stream): training uses stream 0, the
+    variance measurement its own streams, so measuring never shifts training's batches."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def load_dataset(name: str, root: str | Path, size: int | None = None, label_noise: float = 0.0,
+                 seed: int = 0, download: bool = False,
+                 device: str | torch.device = "cpu") -> tuple[DataSplit, DataSplit]:
+    """(train, test) splits as float32 inputs and int64 labels on ``device``.
+
+    ``size`` caps the number of training examples (MNIST-1D: total generated examples);
+    ``label_noise`` replaces that fraction of training labels by uniformly random ones
+    (seeded by ``seed``; Faghri's ``corrupt_perc``, the well-tempered notebook's 10%).
+    """
+    root = Path(root)
+    if name == "mnist1d":
+        x, y, xt, yt = _mnist1d(root, size or 5000)
+    elif name in ("mnist", "fashion_mnist", "cifar10"):
+        x, y, xt, yt = _torchvision(name, root, download)
+        if size is not None:
+            x, y = x[:size], y[:size]
+    else:
+        raise ValueError(f"dataset.name: unknown dataset {name!r}; choose from {list(DATASETS)}")
+    if label_noise:
+        y = _corrupt_labels(y, label_noise, seed, int(max(y.max(), yt.max())) + 1)
+    train = DataSplit(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+    test = DataSplit(torch.as_tensor(xt, dtype=torch.float32),
+                     torch.as_tensor(yt, dtype=torch.long))
+    return train.to(device), test.to(device)
+
+
+def _corrupt_labels(y: np.ndarray, fraction: float, seed: int, n_classes: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = np.array(y, copy=True)
+    chosen = rng.choice(len(y), size=int(round(fraction * len(y))), replace=False)
+    y[chosen] = rng.integers(0, n_classes, size=len(chosen))
+    return y
+
+
+def _mnist1d(root: Path, size: int):
+    """Generate MNIST-1D with the package's own generator (never its downloader); cache it."""
+    cache = root / f"mnist1d_{size}.npz"
+    if not cache.exists():
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples = size
+        state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; put it back
+        data = make_dataset(args)
+        np.random.set_state(state)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, x=data["x"], y=data["y"], x_test=data["x_test"], y_test=data["y_test"],
+                 meta=json.dumps({"num_samples": size, "generator": "mnist1d.make_dataset"}))
+        tmp.replace(cache)  # atomic: concurrent trials never read a half-written cache
+    d = np.load(cache)
+    return d["x"][:, None, :], d["y"], d["x_test"][:, None, :], d["y_test"]
+
+
+def _torchvision(name: str, root: Path, download: bool):
+    """Read a torchvision dataset through its own class; scale to [0, 1] and normalize."""
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
+           "cifar10": _CIFAR10}[name]
+    try:
+        train, test = (cls(str(root), train=t, download=download) for t in (True, False))
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"dataset.name: {name} not found under dataset.root={root} ({err}); "
+            "place the files there or set dataset.download: true where the internet is reachable"
+        ) from err
+    x, xt = (_images(d.data) for d in (train, test))
+    mean, std = x.mean(), x.std()
+    return ((x - mean) / std, np.asarray(train.targets), (xt - mean) / std,
+            np.asarray(test.targets))
+
+
+def _images(data) -> np.ndarray:
+    """uint8 images (N,H,W) or (N,H,W,C) -> float32 (N,C,H,W) in [0, 1]."""
+    a = np.asarray(data, dtype=np.float32) / 255.0
+    return a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2)
+
+
+def _cifar10_class():
+    from torchvision.datasets import CIFAR10
+
+    class LocalCIFAR10(CIFAR10):
+        """torchvision's CIFAR10 with its md5 check relaxed to "the files are there", so a
+        subset written in the native pickle format (tests, a trimmed copy) loads too."""
+
+        def _check_integrity(self) -> bool:
+            base = Path(self.root) / self.base_folder
+            return all((base / f).exists() for f, _ in self.train_list + self.test_list)
+
+    return LocalCIFAR10
+
+
+def _CIFAR10(*args, **kwargs):
+    return _cifar10_class()(*args, **kwargs)
+
+
+def input_shape(split: DataSplit) -> tuple[int, ...]:
+    return tuple(split.x.shape[1:])
+
+
+def num_classes(*splits: DataSplit) -> int:
+    return int(max(int(s.y.max()) for s in splits)) + 1

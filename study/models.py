@@ -1,0 +1,112 @@
+"""The networks a trial trains: MLP, CNN (1-D for MNIST-1D, LeNet-style 2-D for images) and
+ResNet-8 without BatchNorm (GroupNorm or no normalization: per-example gradients are not
+defined under train-mode BatchNorm, so no model here uses it)."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+MODELS = ("mlp", "cnn", "resnet8")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                widths: list[int] | None = None, channels: list[int] | None = None,
+                norm: str = "group") -> nn.Module:
+    """A model for inputs of ``input_shape`` (without the batch dimension)."""
+    if name == "mlp":
+        return MLP(math.prod(input_shape), widths or [100, 100], num_classes)
+    if name == "cnn":
+        if len(input_shape) == 2:
+            return CNN1d(input_shape[0], input_shape[1], channels or [25, 25, 25], num_classes)
+        return LeNet(input_shape, channels or [20, 50], (widths or [500])[0], num_classes)
+    if name == "resnet8":
+        if len(input_shape) != 3:
+            raise ValueError("model.name: resnet8 needs image inputs (C, H, W)")
+        return ResNet8(input_shape[0], channels or [16, 32, 64], num_classes, norm)
+    raise ValueError(f"model.name: unknown model {name!r}; choose from {list(MODELS)}")
+
+
+class MLP(nn.Sequential):
+    """Flatten, then Linear+ReLU for each width, then a Linear classifier."""
+
+    def __init__(self, in_features: int, widths: list[int], num_classes: int):
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w in widths:
+            layers += [nn.Linear(in_features, w), nn.ReLU()]
+            in_features = w
+        layers.append(nn.Linear(in_features, num_classes))
+        super().__init__(*layers)
+
+
+class CNN1d(nn.Sequential):
+    """The MNIST-1D paper's ConvBase: three stride-2 Conv1d layers and a Linear classifier."""
+
+    def __init__(self, in_channels: int, length: int, channels: list[int], num_classes: int):
+        layers: list[nn.Module] = []
+        for i, c in enumerate(channels):
+            k = 5 if i == 0 else 3
+            layers += [nn.Conv1d(in_channels, c, k, stride=2, padding=1), nn.ReLU()]
+            length = (length + 2 - k) // 2 + 1
+            in_channels = c
+        layers += [nn.Flatten(), nn.Linear(in_channels * length, num_classes)]
+        super().__init__(*layers)
+
+
+class LeNet(nn.Sequential):
+    """conv20-pool-conv50-pool-fc500-fc10 (the well-tempered notebook's LeNet)."""
+
+    def __init__(self, input_shape: tuple[int, ...], channels: list[int], hidden: int,
+                 num_classes: int):
+        c, h, w = input_shape
+        c1, c2 = channels
+        layers = [nn.Conv2d(c, c1, 5), nn.ReLU(), nn.MaxPool2d(2),
+                  nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+        h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+        layers += [nn.Linear(c2 * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+        super().__init__(*layers)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"model.norm: {kind!r} is not one of ['group', 'none']")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=norm == "none")
+        self.n1 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=norm == "none")
+        self.n2 = _norm(norm, cout)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          _norm(norm, cout))
+
+    def forward(self, x):
+        out = self.relu(self.n1(self.conv1(x)))
+        return self.relu(self.n2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """CIFAR ResNet with one BasicBlock per stage (1 + 3·2 + 1 = 8 weight layers)."""
+
+    def __init__(self, in_channels: int, channels: list[int], num_classes: int, norm: str):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, 1, 1,
+                                            bias=norm == "none"),
+                                  _norm(norm, channels[0]), nn.ReLU())
+        blocks, cin = [], channels[0]
+        for i, c in enumerate(channels):
+            blocks.append(BasicBlock(cin, c, 1 if i == 0 else 2, norm))
+            cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))

@@ -1,0 +1,98 @@
+"""Update rules: how a direction becomes a parameter change (explicit state, optax style).
+
+Families produce directions; an update rule turns a direction into a step. Keeping the two
+apart is what lets K-FAC reuse momentum SGD and lets every family be measured the same way.
+The formulas follow ``torch.optim.SGD`` and ``torch.optim.Adam`` exactly (tests compare).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class UpdateRule:
+    def apply(self, params: list[torch.Tensor], direction: list[torch.Tensor], lr: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class SGDRule(UpdateRule):
+    """p ← p − lr·v with v = μ·v + d (+ weight decay); Nesterov uses d + μ·v."""
+
+    def __init__(self, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.buffers: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def apply(self, params, direction, lr):
+        if self.weight_decay:
+            direction = [d + self.weight_decay * p for d, p in zip(direction, params)]
+        if self.momentum:
+            if self.buffers is None:
+                self.buffers = [d.detach().clone() for d in direction]
+            else:
+                for b, d in zip(self.buffers, direction):
+                    b.mul_(self.momentum).add_(d)
+            if self.nesterov:
+                direction = [d + self.momentum * b for d, b in zip(direction, self.buffers)]
+            else:
+                direction = self.buffers
+        for p, d in zip(params, direction):
+            p.add_(d, alpha=-lr)
+
+    def state_dict(self):
+        return {"buffers": self.buffers}
+
+    def load_state_dict(self, state):
+        self.buffers = state["buffers"]
+
+
+class AdamRule(UpdateRule):
+    """Adam (Kingma & Ba), bias-corrected, as in ``torch.optim.Adam``."""
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self.t = 0
+        self.m: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def apply(self, params, direction, lr):
+        if self.m is None:
+            self.m = [torch.zeros_like(p) for p in params]
+            self.v = [torch.zeros_like(p) for p in params]
+        self.t += 1
+        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        for p, d, m, v in zip(params, direction, self.m, self.v):
+            if self.weight_decay:
+                d = d + self.weight_decay * p
+            m.lerp_(d, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
+            denom = (v.sqrt() / c2 ** 0.5).add_(self.eps)
+            p.addcdiv_(m, denom, value=-lr / c1)
+
+    def state_dict(self):
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        self.t, self.m, self.v = state["t"], state["m"], state["v"]
+
+
+def make_update_rule(name: str, params: list[torch.Tensor], opts: dict[str, Any]) -> UpdateRule:
+    """Build a rule from a family's options (keys it does not use are ignored)."""
+    wd = float(opts.get("weight_decay", 0.0))
+    if name == "sgd":
+        return SGDRule(float(opts.get("momentum", 0.0)), bool(opts.get("nesterov", False)), wd)
+    if name == "adam":
+        return AdamRule(float(opts.get("beta1", 0.9)), float(opts.get("beta2", 0.999)),
+                        float(opts.get("eps", 1e-8)), wd)
+    raise ValueError(f"unknown update rule {name!r}")
