@@ -34,6 +34,10 @@ class Batch:
     def __len__(self) -> int:
         return self.y.shape[0]
 
+    def split(self) -> "DataSplit":
+        """These examples as a split of their own (re-indexed from 0)."""
+        return DataSplit(self.x, self.y)
+
 
 @dataclass
 class DataSplit:

@@ -156,6 +156,27 @@ class Spec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     storage: str = "results"
     max_failures: int = Field(2, ge=0)
+    plugins: list[str] = []                  # extra modules registering optimizer families
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, raw):
+        """Plugins register their families before ``families`` is validated."""
+        import importlib
+
+        for module in (raw.get("plugins") or []) if isinstance(raw, dict) else []:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ValueError(f"plugins: cannot import {module!r} ({err})") from None
+        return raw
+
+    @model_validator(mode="after")
+    def _metric_exists(self):
+        if self.search.metric.startswith("val_") and self.dataset.val_fraction == 0:
+            raise ValueError(f"search.metric: {self.search.metric!r} needs a validation split, "
+                             "but dataset.val_fraction is 0")
+        return self
 
     @field_validator("lr")
     @classmethod

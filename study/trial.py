@@ -1,0 +1,227 @@
+"""One trial: train one model under one optimizer variant at one lr and batch size.
+
+``run_trial`` is the whole training loop and knows nothing about Ray or MLflow: it takes a
+``log`` callback (metrics, step) and a ``report`` callback (epoch metrics, checkpoint state)
+and can start from a checkpoint state. ``trainable`` (at the bottom) wires it to Ray Tune
+and to the trial's MLflow child run. Checkpoints are taken at epoch ends; samplers are
+seeded per epoch, so a resumed trial reproduces an uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
+from study.models import build_model
+from study.optim import Context, make_optimizer
+from study.spec import Spec
+
+DIVERGENCE_FACTOR = 10.0     # a batch loss this many times the initial loss ends the trial
+PERIODIC_STREAM = -1         # the generator stream scheduled work draws from
+EVAL_BATCH = 2048
+
+LogFn = Callable[[dict[str, float], int], None]
+ReportFn = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def load_splits(spec: Spec, device: str | torch.device = "cpu"
+                ) -> tuple[DataSplit, DataSplit | None, DataSplit]:
+    """(train, validation or None, test). The validation split is the same for every trial
+    of a study: a fixed permutation, independent of the trial's seed."""
+    d = spec.dataset
+    train, test = load_dataset(d.name, d.root, d.size, d.label_noise, seed=0, download=d.download,
+                               device=device)
+    n_val = int(round(len(train) * d.val_fraction))
+    if n_val == 0:
+        return train, None, test
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+    perm = perm.to(train.x.device)
+    return train.batch(perm[n_val:]).split(), train.batch(perm[:n_val]).split(), test
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: DataSplit) -> tuple[float, float]:
+    """(mean loss, accuracy) in large batches."""
+    total, correct = 0.0, 0
+    for b in split.batches(EVAL_BATCH):
+        logits = model(b.x)
+        total += float(loss_fn(logits, b.y).sum())
+        correct += int((logits.argmax(1) == b.y).sum())
+    return total / len(split), correct / len(split)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def import_plugins(spec: Spec) -> None:
+    for module in spec.plugins:
+        importlib.import_module(module)
+
+
+def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
+              report: ReportFn | None = None, state: dict[str, Any] | None = None,
+              device: str | torch.device = "cpu", stop_after: int | None = None) -> dict[str, Any]:
+    """Train; return the last epoch's metrics. ``stop_after`` ends the loop after that many
+    epochs (tests use it to interrupt a trial)."""
+    log = log or (lambda metrics, step: None)
+    report = report or (lambda metrics, state: None)
+    import_plugins(spec)
+    seed = int(config["seed"])
+    seed_everything(seed)
+    train, val, test = load_splits(spec, device)
+    model = build_model(config["model"], input_shape(train), num_classes(train, test),
+                        **config.get("model_options", {})).to(device)
+    opt = make_optimizer(config["family"], model, loss_fn, config["lr"], config["variant"],
+                         **config.get("options", {}))
+    bs = int(config["batch_size"])
+    steps_per_epoch = len(train) // bs
+    probe = _make_probe(spec, train, bs, seed, spec.epochs * steps_per_epoch)
+    periodic = opt.periodic()
+
+    c = {"epoch": 0, "iteration": 0, "grad_evals": 0, "time_s": 0.0, "measure_s": 0.0,
+         "initial_loss": None, "diverged": False}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if probe is not None and state.get("probe") is not None:
+            probe.load_state_dict(state["probe"])
+        torch.set_rng_state(state["rng"])
+        c.update(state["counters"])
+    if c["initial_loss"] is None:
+        c["initial_loss"] = evaluate(model, train)[0]
+
+    metrics: dict[str, Any] = {}
+    while c["epoch"] < spec.epochs and not c["diverged"]:
+        generator = epoch_generator(seed, c["epoch"])
+        ctx = Context(model, loss_fn, train, bs, c["iteration"], c["epoch"],
+                      epoch_generator(seed, c["epoch"], PERIODIC_STREAM))
+        losses = []
+        for idx in opt.sampler(len(train), bs, generator):
+            it = c["iteration"]
+            if probe is not None:
+                t0 = time.perf_counter()
+                if probe.due(it):
+                    log(probe.measure(opt, it), it)
+                if probe.histogram_due(it):
+                    probe.record_histogram(opt, it)
+                c["measure_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ctx.iteration = it
+            for work in periodic:
+                if work.due("iter", it):
+                    c["grad_evals"] += work.run(ctx)
+            d = opt.direction(train.batch(idx))
+            if not math.isfinite(d.loss) or d.loss > DIVERGENCE_FACTOR * c["initial_loss"]:
+                c["diverged"] = True
+                break
+            opt.step(d)
+            c["grad_evals"] += d.grad_evals
+            c["iteration"] += 1
+            c["time_s"] += time.perf_counter() - t0
+            losses.append(d.loss)
+        c["epoch"] += 1
+        if not c["diverged"]:
+            t0 = time.perf_counter()
+            for work in periodic:
+                if work.due("epoch", c["epoch"]):
+                    c["grad_evals"] += work.run(ctx)
+            c["time_s"] += time.perf_counter() - t0
+        metrics = _epoch_metrics(model, opt, train, val, test, c, losses)
+        log(metrics, c["iteration"])
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "probe": probe.state_dict() if probe is not None else None,
+                 "rng": torch.get_rng_state(), "counters": dict(c)}
+        report({**metrics, "histograms": probe.histograms() if probe is not None else None},
+               state)
+        if stop_after is not None and c["epoch"] >= stop_after:
+            break
+    return metrics
+
+
+def _make_probe(spec: Spec, train: DataSplit, bs: int, seed: int, total: int):
+    if spec.measure.every == 0 and not spec.measure.histograms:
+        return None
+    from study.variance import VarianceProbe
+
+    return VarianceProbe(spec.measure, train, bs, seed, total)
+
+
+def _epoch_metrics(model, opt, train, val, test, c, losses) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"epoch": c["epoch"], "iteration": c["iteration"],
+                               "grad_evals": c["grad_evals"], "time_s": c["time_s"],
+                               "measure_s": c["measure_s"], "lr": opt.lr,
+                               "diverged": int(c["diverged"]),
+                               "train_batch_loss": float(np.mean(losses)) if losses else math.nan}
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        if split is not None:
+            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = evaluate(model, split)
+    if hasattr(opt, "metrics"):
+        metrics.update(opt.metrics())
+    return metrics
+
+
+# -- Ray Tune -----------------------------------------------------------------------------------
+
+def trial_config(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Grid configs carry the whole trial under ``trial``; Optuna configs name an arm and
+    its sampled lr / batch size / seed."""
+    if "trial" in config:
+        return config["trial"]
+    arm = arms[config["arm"]]
+    return {**arm, "lr": config[f"lr[{arm['family']}]"], "batch_size": config["batch_size"],
+            "seed": config["seed"]}
+
+
+def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]],
+              tracking: dict[str, str]) -> None:
+    """The Ray Tune function trainable: one trial, logged to its MLflow child run."""
+    import tempfile
+
+    from ray import tune
+
+    from study.tracking import TrialRun
+
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    cfg = trial_config(config, arms)
+    ctx = tune.get_context()
+    device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
+    run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
+                   ctx.get_trial_id(), cfg,
+                   tags={"gradstudy.study": spec.name, "family": cfg["family"],
+                         "variant": cfg["variant"], "model": cfg["model"], "arm": cfg["arm"]})
+    checkpoint = tune.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+    def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        histograms = metrics.pop("histograms", None)
+        if histograms and (metrics["epoch"] == spec.epochs or metrics["diverged"]):
+            run.log_json("grad_hist.json", histograms)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, "state.pt"))
+            tune.report({**metrics, "arm": cfg["arm"], "family": cfg["family"]},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        final = run_trial(cfg, spec, log=run.log, report=report, state=state, device=device)
+    except BaseException:
+        run.end("errored")
+        raise
+    run.end("diverged" if final.get("diverged") else "finished")
