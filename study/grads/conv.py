@@ -1,0 +1,88 @@
+"""nn.Conv1d / nn.Conv2d: per-example gradients from the unfolded input.
+
+The unfolded input A_n (Cin·k, T) and the output gradient G_n (Cout, T) give the per-example
+weight gradient G_n A_nᵀ (per group). Its elementwise square does not factorize, so the
+second moment needs it materialized (one batched matmul, the multiply-adds of the
+weight-gradient backward it replaces, plus a square and two reductions).
+
+Cost estimate that picks the form per layer (multiply-adds, B examples, per group O×K
+weights, T output positions):
+- materialize: B·O·K·T (bmm) + 2·B·O·K (square, reductions) -> sum, second moment, norms;
+- Gram (norms only, BackPACK ``batch_l2_grad``/Opacus ghost norms): O·K·B·T for the sum plus
+  B·T²·(O+K+1) for the two T×T Gram matrices and their product.
+Gram wins only when T²·(O+K+1) < 2·O·K (few positions, wide layers) and the second moment is
+not wanted; with the second moment (the default) the materialized form is always needed.
+Conv1d is treated as Conv2d with height 1; 1×1 convolutions without padding skip the unfold.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from study.grads.layer import LayerStats, positions_stats, record_materialized, wants
+
+
+def conv_supported(module: nn.Module) -> bool:
+    """Zero padding given as numbers (``padding='same'`` or other modes use the fallback)."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def conv_plan(batch: int, out_per_group: int, in_per_group: int, positions: int,
+              second_moment: bool) -> str:
+    """'materialize' or 'gram' by the multiply-add estimate in the module docstring."""
+    if second_moment:
+        return "materialize"
+    o, k, t = out_per_group, in_per_group, positions
+    materialize = batch * o * k * t + 2 * batch * o * k
+    gram = batch * o * k * t + batch * t * t * (o + k + 1)
+    return "gram" if gram < materialize else "materialize"
+
+
+def conv_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
+               wanted: list[torch.Tensor], norms: bool, second_moment: bool = True,
+               plan: str | None = None) -> LayerStats:
+    out = LayerStats()
+    if isinstance(module, nn.Conv1d):
+        a, g = a.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride = (1, *module.kernel_size), (1, *module.stride)
+        padding, dilation = (0, *module.padding), (1, *module.dilation)
+    else:
+        kernel, stride = module.kernel_size, module.stride
+        padding, dilation = module.padding, module.dilation
+    batch, cout, groups = g.shape[0], g.shape[1], module.groups
+    positions = g.shape[2] * g.shape[3]
+    if wants(wanted, module.weight):
+        cols = _unfold(a, kernel, stride, padding, dilation)          # (B, Cin·k, T)
+        cols = cols.view(batch, groups, -1, positions)
+        gg = g.reshape(batch, groups, cout // groups, positions)
+        plan = plan or conv_plan(batch, cout // groups, cols.shape[2], positions,
+                                 second_moment)
+        if plan == "materialize":
+            positions_stats(out, module.weight, gg, cols, norms, second_moment)
+        else:
+            if second_moment:
+                raise ValueError("conv_stats: the Gram plan gives norms only, not the "
+                                 "second moment")
+            _gram(out, module.weight, gg, cols, norms)
+    if wants(wanted, module.bias):
+        record_materialized(out, module.bias, g.sum((2, 3)), norms, second_moment)
+    return out
+
+
+def _unfold(a: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    if tuple(kernel) == (1, 1) and tuple(padding) == (0, 0):
+        a = a[:, :, ::stride[0], ::stride[1]]
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+def _gram(out: LayerStats, weight: torch.Tensor, g: torch.Tensor, cols: torch.Tensor,
+          norms: bool) -> None:
+    """Sum as one contraction over (examples, positions); norms Σ_{s,t}(g_s·g_t)(a_s·a_t)."""
+    out.sums[weight] = torch.einsum("bgot,bgkt->gok", g, cols).reshape(weight.shape)
+    if norms:
+        gram_g = torch.matmul(g.transpose(-1, -2), g)
+        gram_a = torch.matmul(cols.transpose(-1, -2), cols)
+        out.add_norms((gram_g * gram_a).sum((1, 2, 3)))

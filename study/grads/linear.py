@@ -1,0 +1,53 @@
+"""nn.Linear: the Goodfellow / BackPACK factorized forms.
+
+For a 2-D input the per-example weight gradient is the outer product g_n a_nᵀ, so
+Σ_n g_n² ⊗ a_n² = (G∘G)ᵀ(A∘A) is one matmul of the weight's size, and
+||g_n a_nᵀ||² = ||g_n||²·||a_n||². Inputs with extra leading dimensions (B, T, d) sum the
+outer products over positions, which does not factorize: they go through the materialized
+per-example form shared with convolutions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from study.grads.layer import LayerStats, positions_stats, record_materialized, wants
+
+
+def linear_stats(module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
+                 wanted: list[torch.Tensor], norms: bool,
+                 second_moment: bool = True) -> LayerStats:
+    out = LayerStats()
+    batch = a.shape[0]
+    a = a.reshape(batch, -1, a.shape[-1])      # (B, T, K)
+    g = g.reshape(batch, -1, g.shape[-1])      # (B, T, O)
+    if a.shape[1] == 1:
+        _flat(out, module, a[:, 0], g[:, 0], wanted, norms, second_moment)
+        return out
+    if wants(wanted, module.weight):
+        positions_stats(out, module.weight, g.transpose(1, 2), a.transpose(1, 2), norms,
+                        second_moment)
+    if wants(wanted, module.bias):
+        record_materialized(out, module.bias, g.sum(1), norms, second_moment)
+    return out
+
+
+def _flat(out: LayerStats, module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
+          wanted: list[torch.Tensor], norms: bool, second_moment: bool) -> None:
+    need_sq = second_moment or norms
+    g2 = g * g if need_sq else None
+    if wants(wanted, module.weight):
+        out.sums[module.weight] = torch.mm(g.t(), a)
+        if need_sq:
+            a2 = a * a
+            if second_moment:
+                out.sum_sqs[module.weight] = torch.mm(g2.t(), a2)
+            if norms:
+                out.add_norms(g2.sum(1) * a2.sum(1))
+    if wants(wanted, module.bias):
+        out.sums[module.bias] = g.sum(0)
+        if second_moment:
+            out.sum_sqs[module.bias] = g2.sum(0)
+        if norms:
+            out.add_norms(g2.sum(1))
+

@@ -1,0 +1,181 @@
+"""Per-example gradient statistics from ONE forward and ONE backward pass.
+
+``batch_stats`` runs the model once, backpropagates the summed per-example loss once, and
+asks autograd for the gradient with respect to each parameterized layer's *output* (not its
+parameters): autograd then skips every weight-gradient product, and each layer's handler
+computes the sum, the elementwise second moment and the per-example norms from the layer's
+input ``a`` (recorded by ``study.grads.capture``) and that output gradient ``g``. The
+weight-gradient sum therefore costs what the plain backward would have spent on it, and
+the statistics add only their own products (Linear: one more matmul of the weight's size).
+
+Handlers, one module per layer type (BackPACK style): ``linear`` (factorized), ``conv``
+(unfold + batched matmul), ``fallback`` (torch.func on that module alone, e.g. GroupNorm).
+Examples must be independent through the network (no train-mode BatchNorm), and each
+parameterized module must run once per forward (no weight sharing across calls).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from study.grads.capture import capture
+from study.grads.conv import conv_stats, conv_supported
+from study.grads.fallback import fallback_stats
+from study.grads.layer import LayerStats
+from study.grads.linear import linear_stats
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass
+class BatchStats:
+    """Statistics of the per-example gradients g_n (of loss_n itself, not loss_n / B).
+
+    ``sum``/``sum_sq`` hold one tensor per parameter, in the order of ``params``;
+    ``norms_sq`` is ||g_n||² over all those parameters (None when not requested).
+    """
+
+    loss: float
+    n: int
+    sum: list[torch.Tensor]
+    sum_sq: list[torch.Tensor] | None
+    norms_sq: torch.Tensor | None
+
+    def mean(self) -> list[torch.Tensor]:
+        return [s / self.n for s in self.sum]
+
+    def var(self) -> list[torch.Tensor]:
+        """Population variance (ddof=0), clamped at 0 against rounding."""
+        if self.sum_sq is None:
+            raise ValueError("var() needs the second moment; call batch_stats with "
+                             "second_moment=True")
+        return [(q / self.n - (s / self.n) ** 2).clamp_(min=0)
+                for s, q in zip(self.sum, self.sum_sq)]
+
+
+def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[torch.Tensor]
+                | None = None, reduction: str = "none", norms: bool = True, *,
+                second_moment: bool = True) -> BatchStats:
+    """Sum, sum of squares and squared norms of the per-example gradients on ``batch``.
+
+    ``batch`` is a ``Batch`` (``.x``, ``.y``) or an ``(x, y)`` pair. ``loss_fn(logits, y)``
+    returns per-example losses; if it returns a reduced scalar, ``reduction`` says whether it
+    is the mean or the sum so the engine can undo it. ``p.grad`` is never touched.
+    ``second_moment=False`` skips ``sum_sq`` (and lets convolutions use the Gram form for
+    the norms where it is cheaper).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of {list(REDUCTIONS)}")
+    x, y = (batch.x, batch.y) if hasattr(batch, "x") else batch
+    params = [p for p in model.parameters() if p.requires_grad] if params is None \
+        else list(params)
+    owners = _owners(model, params)
+    with capture(model, list(owners), backward=False) as cap, _outputs(list(owners)) as outs:
+        raw = loss_fn(model(x), y)
+    n = x.shape[0]
+    total, loss = _total(raw, reduction, n)
+
+    live = [m for m in owners if m in outs.tensors]
+    for m in live:
+        outs.check(m)
+    grads = torch.autograd.grad(total, [outs.tensors[m] for m in live], allow_unused=True)
+    results: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    norms_sq = None
+    with torch.no_grad():
+        for m, g in zip(live, grads):
+            if g is None:
+                continue
+            layer = _handler(m)(m, cap.records[m].a, g, owners[m], norms, second_moment)
+            for p in owners[m]:
+                results[p] = (layer.sums[p], layer.sum_sqs.get(p))
+            if norms and layer.norms_sq is not None:
+                norms_sq = layer.norms_sq if norms_sq is None else norms_sq + layer.norms_sq
+        if norms and norms_sq is None:
+            norms_sq = x.new_zeros(n)
+    sums = [results[p][0] if p in results else torch.zeros_like(p) for p in params]
+    sum_sq = [results[p][1] if p in results else torch.zeros_like(p) for p in params] \
+        if second_moment else None
+    return BatchStats(loss, n, sums, sum_sq, norms_sq if norms else None)
+
+
+def _handler(module: nn.Module) -> Callable[..., LayerStats]:
+    if isinstance(module, nn.Linear):
+        return linear_stats
+    if conv_supported(module):
+        return conv_stats
+    return fallback_stats
+
+
+def _owners(model: nn.Module, params: list[torch.Tensor]) -> dict[nn.Module, list[torch.Tensor]]:
+    """The module that directly owns each wanted parameter, with its wanted parameters."""
+    owner_of: dict[torch.Tensor, nn.Module] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if p in owner_of and owner_of[p] is not m:
+                raise NotImplementedError("batch_stats: a parameter shared by two modules is "
+                                          "not supported (per-example sums would be split)")
+            owner_of[p] = m
+    owners: dict[nn.Module, list[torch.Tensor]] = {}
+    for i, p in enumerate(params):
+        if p not in owner_of:
+            raise ValueError(f"params: entry {i} (shape {tuple(p.shape)}) is not a parameter "
+                             "of the model")
+        owners.setdefault(owner_of[p], []).append(p)
+    return owners
+
+
+def _total(raw: torch.Tensor, reduction: str, n: int) -> tuple[torch.Tensor, float]:
+    """The scalar whose gradient is Σ_n ∇loss_n, and the mean loss."""
+    if raw.dim() == 1 and raw.shape[0] == n:
+        return raw.sum(), float(raw.detach().mean())
+    if raw.dim() != 0:
+        raise ValueError(f"loss_fn: expected per-example losses of shape ({n},) or a scalar, "
+                         f"got shape {tuple(raw.shape)}")
+    if reduction == "none":
+        raise ValueError("loss_fn returned a scalar but reduction='none'; pass "
+                         "reduction='mean' or 'sum' to say how it was reduced")
+    value = float(raw.detach())
+    return (raw * n, value) if reduction == "mean" else (raw, value / n)
+
+
+class _Outputs:
+    """Each module's output tensor (the autograd input we differentiate with respect to)."""
+
+    def __init__(self):
+        self.tensors: dict[nn.Module, torch.Tensor] = {}
+        self.versions: dict[nn.Module, int] = {}
+        self.calls: dict[nn.Module, int] = {}
+
+    def check(self, m: nn.Module) -> None:
+        name = type(m).__name__
+        if self.calls[m] != 1:
+            raise NotImplementedError(f"batch_stats: {name} ran {self.calls[m]} times in one "
+                                      "forward; per-example statistics need one call")
+        if self.tensors[m]._version != self.versions[m]:
+            raise ValueError(f"batch_stats: the output of {name} was modified in place "
+                             "(e.g. ReLU(inplace=True)); use out-of-place operations")
+
+
+@contextmanager
+def _outputs(modules: list[nn.Module]) -> Iterator[_Outputs]:
+    rec = _Outputs()
+
+    def hook(module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise NotImplementedError(f"batch_stats: {type(module).__name__} returns "
+                                      f"{type(output).__name__}, not one tensor")
+        rec.calls[module] = rec.calls.get(module, 0) + 1
+        if output.requires_grad:
+            rec.tensors[module] = output
+            rec.versions[module] = output._version
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
