@@ -1,0 +1,32 @@
+"""A minimal stand-in for the trial loop's scheduling contract, for optimizer-family tests:
+per epoch, build the family's sampler; before each step run the iteration periodics due at
+the global iteration counter; after each epoch run the epoch periodics due at the number of
+finished epochs. Returns the gradient evaluations spent (steps + periodic work)."""
+from __future__ import annotations
+
+import torch
+
+from study.data import DataSplit, epoch_generator
+from study.optim.base import Context, Optimizer
+
+
+def make_context(opt: Optimizer, train: DataSplit, batch_size: int, seed: int = 0) -> Context:
+    return Context(opt.model, opt.loss_fn, train, batch_size, 0, 0,
+                   torch.Generator().manual_seed(seed))
+
+
+def run_epochs(opt: Optimizer, ctx: Context, epochs: int, seed: int = 0) -> int:
+    """Train from ``ctx.epoch`` for ``epochs`` epochs (advancing ``ctx``'s counters)."""
+    periodics = opt.periodic()
+    cost = 0
+    for _ in range(epochs):
+        sampler = opt.sampler(len(ctx.train), ctx.batch_size, epoch_generator(seed, ctx.epoch))
+        for idx in sampler:
+            cost += sum(p.run(ctx) for p in periodics if p.due("iter", ctx.iteration))
+            d = opt.direction(ctx.train.batch(idx))
+            opt.step(d)
+            cost += d.grad_evals
+            ctx.iteration += 1
+        ctx.epoch += 1
+        cost += sum(p.run(ctx) for p in periodics if p.due("epoch", ctx.epoch))
+    return cost
