@@ -1,0 +1,275 @@
+"""Result tables: best LR, final accuracy ± seeds, tuneability, cost to target, trial counts,
+critical batch size. Every function takes the frames of ``analysis.load`` and returns a
+``Table`` (written by ``analysis.writer``); missing inputs give a table that says so.
+
+Conventions: accuracies are fractions in [0, 1] (as logged); a diverged trial's score is
+NaN, so a setting where any seed diverged is never selected; errored trials are infrastructure
+failures and are left out of every statistic except the counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.writer import Table
+
+SELECTIONS = {"val_accuracy": "max", "train_loss": "min", "test_accuracy": "max"}
+SETTING_KEYS = ("dataset", "model", "family", "variant", "arm", "batch_size")
+PROBLEM_KEYS = ("dataset", "model")
+REPORTED = ("test_accuracy", "val_accuracy", "train_loss", "grad_evals", "time_s")
+STATUSES = ("finished", "diverged", "errored", "running")
+
+
+def keys_in(frame: pd.DataFrame, keys) -> list[str]:
+    return [k for k in keys if k in frame.columns]
+
+
+def drop_redundant_arm(frame: pd.DataFrame) -> pd.DataFrame:
+    """'arm' only adds information when family options vary (it then carries a suffix)."""
+    if {"arm", "model", "family", "variant"} <= set(frame.columns):
+        plain = frame["model"] + "/" + frame["family"] + "/" + frame["variant"]
+        if (frame["arm"] == plain).all():
+            return frame.drop(columns=["arm"])
+    return frame
+
+
+def note_table(name: str, title: str, note: str) -> Table:
+    return Table(name, title, pd.DataFrame({"note": [note]}), note)
+
+
+def resolve_select(trials: pd.DataFrame, select: str) -> str:
+    """The selection metric, falling back to test accuracy when the study had no val split."""
+    if select not in SELECTIONS:
+        raise ValueError(f"select={select!r}: must be one of {sorted(SELECTIONS)}")
+    if select in trials.columns and trials[select].notna().any():
+        return select
+    if select == "val_accuracy" and "test_accuracy" in trials.columns:
+        return "test_accuracy"
+    raise ValueError(f"select={select!r}: no trial logged that metric")
+
+
+def usable(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[trials["status"] != "errored"]
+
+
+def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
+    """One row per setting × LR: the seed-mean of the score and of the reported metrics."""
+    select = resolve_select(trials, select)
+    keys = keys_in(trials, SETTING_KEYS) + ["lr"]
+    df = usable(trials).copy()
+    df["score"] = df[select].where(df["status"] != "diverged")
+    df["is_diverged"] = (df["status"] == "diverged").astype(int)
+    agg = {"score": lambda s: s.mean(skipna=False), "is_diverged": "sum", "run_id": list}
+    agg.update({m: "mean" for m in keys_in(df, REPORTED)})
+    out = df.groupby(keys, dropna=False).agg(agg).reset_index()
+    out["n_seeds"] = out["run_id"].map(len)
+    out = out.rename(columns={"is_diverged": "n_diverged", "run_id": "run_ids"})
+    out.attrs["select"] = select
+    return out
+
+
+def _pick(settings: pd.DataFrame, by: list[str], select: str) -> pd.DataFrame:
+    """Best row of each group (max or min score); groups whose every score is NaN keep their
+    first row with NaN best so that they are still listed."""
+    ascending = SELECTIONS[select] == "min"
+    ordered = settings.sort_values(by + ["score", "lr"], ascending=[True] * len(by) + [
+        ascending, True], na_position="last", kind="mergesort")
+    return ordered.groupby(by, dropna=False, sort=True).head(1).reset_index(drop=True)
+
+
+def best_settings(trials: pd.DataFrame, select: str = "val_accuracy",
+                  by=("dataset", "model", "family")) -> pd.DataFrame:
+    """The tuned setting (variant, batch size, LR) of each family on each problem."""
+    settings = aggregate_settings(trials, select)
+    return _pick(settings, keys_in(settings, by), settings.attrs["select"])
+
+
+def best_lr_table(trials: pd.DataFrame, select: str = "val_accuracy") -> Table:
+    settings = aggregate_settings(trials, select)
+    select = settings.attrs["select"]
+    groups = keys_in(settings, SETTING_KEYS)
+    best = _pick(settings, groups, select)
+    grid = settings.groupby(groups, dropna=False).agg(
+        n_lr=("lr", "nunique"), n_diverged=("n_diverged", "sum")).reset_index()
+    best = best.drop(columns=["n_diverged"]).merge(grid, on=groups)
+    best["best_lr"] = best["lr"].where(best["score"].notna())
+    cols = groups + ["best_lr"] + keys_in(best, REPORTED) + ["n_seeds", "n_lr", "n_diverged"]
+    rule = f"{SELECTIONS[select]} final {select}"
+    return Table("best_lr", f"Best learning rate per setting (selected by {rule})",
+                 drop_redundant_arm(best[cols]),
+                 "Seed means at the selected LR (a setting where any seed diverged is never "
+                 "selected); best_lr is '–' when every LR diverged.")
+
+
+def final_accuracy_long(trials: pd.DataFrame, select: str = "val_accuracy") -> pd.DataFrame:
+    """Final test accuracy of each family at its tuned setting: mean, std (ddof=1), n seeds."""
+    best = best_settings(trials, select)
+    runs = trials.set_index("run_id")
+    rows = []
+    for _, row in best.iterrows():
+        acc = runs.loc[row["run_ids"], "test_accuracy"] if "test_accuracy" in runs else []
+        rows.append({**{k: row[k] for k in keys_in(best, PROBLEM_KEYS + ("family", "arm",
+                                                                          "batch_size", "lr"))},
+                     "mean": float(np.mean(acc)) if len(acc) else np.nan,
+                     "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else np.nan,
+                     "n_seeds": len(acc)})
+    return pd.DataFrame(rows)
+
+
+def _mean_std(mean, std, n) -> str:
+    if np.isnan(mean):
+        return "–"
+    if n < 2:
+        return f"{100 * mean:.2f} (n=1)"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def final_accuracy_table(trials: pd.DataFrame, select: str = "val_accuracy") -> Table:
+    if "test_accuracy" not in trials.columns:
+        return note_table("final_test_accuracy", "Final test accuracy",
+                          "no test_accuracy metric was logged")
+    long = final_accuracy_long(trials, select)
+    long["cell"] = [_mean_std(m, s, n) for m, s, n in zip(long["mean"], long["std"],
+                                                          long["n_seeds"])]
+    rows = keys_in(long, PROBLEM_KEYS)
+    wide = long.pivot(index=rows, columns="family", values="cell").reset_index()
+    wide.columns.name = None
+    return Table("final_test_accuracy", "Final test accuracy (%) at each family's tuned setting",
+                 wide, "Mean ± std over seeds (sample std) at the setting selected by "
+                       f"{resolve_select(trials, select)}; rows: dataset × model.")
+
+
+def tuneability_table(trials: pd.DataFrame, metric: str | None = None,
+                      tolerance: float = 0.01) -> Table:
+    """DeepOBS-style tuneability: share of the LR grid within ``tolerance`` of the best
+    (seed-mean, final accuracy; tolerance 0.01 = 1 percentage point)."""
+    metric = metric or next((m for m in ("val_accuracy", "test_accuracy")
+                             if m in trials.columns and trials[m].notna().any()), None)
+    if metric is None or metric not in trials.columns:
+        return note_table("tuneability", "Tuneability", "no accuracy metric was logged")
+    settings = aggregate_settings(trials, metric)
+    groups = keys_in(settings, SETTING_KEYS)
+    best = settings.groupby(groups, dropna=False)["score"].transform("max")
+    settings["within"] = (settings["score"] >= best - tolerance).astype(int)
+    out = settings.groupby(groups, dropna=False).agg(
+        n_lr=("lr", "nunique"), n_within=("within", "sum"), best=("score", "max")).reset_index()
+    out["share_within"] = out["n_within"] / out["n_lr"]
+    return Table("tuneability", f"Tuneability: share of the LR grid within {tolerance:g} of "
+                 f"the best final {metric}", drop_redundant_arm(out),
+                 "Diverged LRs count as outside; errored trials are left out of the grid.")
+
+
+def _first_reach(history: pd.DataFrame, metric: str, target: float) -> pd.DataFrame:
+    """Per run: grad_evals and time_s at the first logged step where ``metric`` ≥ target."""
+    wide = history[history["key"].isin([metric, "grad_evals", "time_s"])].pivot_table(
+        index=["run_id", "step"], columns="key", values="value", aggfunc="last").reset_index()
+    for col in ("grad_evals", "time_s", metric):
+        if col not in wide:
+            wide[col] = np.nan
+    hit = wide[wide[metric] >= target].sort_values("step").groupby("run_id").head(1)
+    out = pd.DataFrame({"run_id": history["run_id"].unique()})
+    out = out.merge(hit[["run_id", "step", "grad_evals", "time_s"]], on="run_id", how="left")
+    return out.fillna({"grad_evals": np.inf, "time_s": np.inf, "step": np.inf})
+
+
+def cost_to_target_frame(trials, metrics, select="val_accuracy", metric="test_accuracy",
+                         target_fraction=0.9, target=None) -> pd.DataFrame:
+    """AlgoPerf time-to-target per problem × family: at the tuned setting (median over seeds,
+    a seed that misses counts as ∞) and the fastest trial anywhere in the family's grid."""
+    if metrics.empty or metric not in set(metrics["key"]):
+        return pd.DataFrame()
+    problems = keys_in(trials, PROBLEM_KEYS)
+    best = best_settings(trials, select)
+    hist = metrics.merge(trials[["run_id", "status"] + problems + ["family"]], on="run_id")
+    hist = hist[hist["status"] != "errored"]
+    rows = []
+    for problem, part in hist.groupby(problems):
+        reached = part.loc[part["key"] == metric, "value"].max()
+        goal = target if target is not None else target_fraction * reached
+        firsts = _first_reach(part, metric, goal).merge(
+            trials[["run_id", "family"]], on="run_id")
+        firsts = firsts.set_index("run_id")
+        sel = best
+        for key, value in zip(problems, problem):
+            sel = sel[sel[key] == value]
+        for _, setting in sel.iterrows():
+            mine = firsts.loc[[r for r in setting["run_ids"] if r in firsts.index]]
+            family_runs = firsts[firsts["family"] == setting["family"]]
+            rows.append({**dict(zip(problems, problem)), "family": setting["family"],
+                         "arm": setting["arm"], "batch_size": setting["batch_size"],
+                         "lr": setting["lr"], "target": goal,
+                         "reached": f"{int(np.isfinite(mine['grad_evals']).sum())}/{len(mine)}",
+                         "grad_evals_to_target": float(np.median(mine["grad_evals"]))
+                         if len(mine) else np.inf,
+                         "time_s_to_target": float(np.median(mine["time_s"]))
+                         if len(mine) else np.inf,
+                         "fastest_grad_evals_in_grid": float(family_runs["grad_evals"].min()),
+                         "fastest_time_s_in_grid": float(family_runs["time_s"].min())})
+    return pd.DataFrame(rows)
+
+
+def cost_to_target_table(trials, metrics, select="val_accuracy", metric="test_accuracy",
+                         target_fraction=0.9, target=None) -> Table:
+    frame = cost_to_target_frame(trials, metrics, select, metric, target_fraction, target)
+    if frame.empty:
+        return note_table("cost_to_target", "Cost to reach the target",
+                          f"no {metric} history was logged")
+    goal = (f"{target:g}" if target is not None
+            else f"{target_fraction:g} × the best {metric} any trial reached")
+    return Table("cost_to_target", f"Cost to reach {metric} ≥ target ({goal})",
+                 drop_redundant_arm(frame),
+                 "Gradient evaluations (examples through a backward, incl. periodic work) and "
+                 "wall seconds at the first logged step reaching the target; median over seeds "
+                 "at the tuned setting ('not reached' = ∞), and the fastest trial in the grid.")
+
+
+def status_counts_table(trials: pd.DataFrame) -> Table:
+    counts = pd.crosstab(trials["family"], trials["status"])
+    for status in STATUSES:
+        if status not in counts:
+            counts[status] = 0
+    extra = [c for c in counts.columns if c not in STATUSES]
+    counts = counts[list(STATUSES) + extra]
+    counts["total"] = counts.sum(axis=1)
+    return Table("trial_counts", "Trials per family by status", counts.reset_index(),
+                 "diverged = loss became non-finite (a result); errored = the trial crashed.")
+
+
+def critical_batch_table(trials, metrics, select="val_accuracy",
+                         key="var/noise_scale") -> Table:
+    """Measured B_simple (McCandlish et al.) beside the best batch size the grid found."""
+    title = "Critical batch size: measured noise scale B_simple vs the grid's best batch size"
+    if metrics.empty or key not in set(metrics["key"]):
+        return note_table("critical_batch_size", title,
+                          f"no {key} metrics were recorded in this study")
+    problems = keys_in(trials, PROBLEM_KEYS)
+    best = best_settings(trials, select)
+    ok = trials[~trials["status"].isin(["errored", "diverged"])]
+    noise = metrics[(metrics["key"] == key) & metrics["run_id"].isin(ok["run_id"])]
+    noise = noise.merge(trials[["run_id", "family"] + problems], on="run_id")
+    rows = []
+    for _, setting in best.iterrows():
+        mine = noise[noise["run_id"].isin(setting["run_ids"])]["value"]
+        fam = noise
+        for col in problems + ["family"]:
+            fam = fam[fam[col] == setting[col]]
+        grid = sorted(trials.loc[trials["family"] == setting["family"], "batch_size"].dropna()
+                      .astype(int).unique())
+        rows.append({**{c: setting[c] for c in problems}, "family": setting["family"],
+                     "b_simple_median_tuned": mine.median() if len(mine) else np.nan,
+                     "b_simple_q25_tuned": mine.quantile(0.25) if len(mine) else np.nan,
+                     "b_simple_q75_tuned": mine.quantile(0.75) if len(mine) else np.nan,
+                     "b_simple_median_all_runs": fam["value"].median(),
+                     "n_measurements": len(fam), "best_batch_size": setting["batch_size"],
+                     "batch_size_grid": " ".join(str(b) for b in grid)})
+    return Table("critical_batch_size", title, pd.DataFrame(rows),
+                 "Median over training of var/noise_scale = tr(Σ)/|G|² at the tuned setting "
+                 "(IQR beside it) and over all non-diverged runs of the family.")
+
+
+def all_tables(trials, metrics, select="val_accuracy", tolerance=0.01, target_fraction=0.9,
+               target_metric="test_accuracy") -> list[Table]:
+    return [best_lr_table(trials, select), final_accuracy_table(trials, select),
+            tuneability_table(trials, tolerance=tolerance),
+            cost_to_target_table(trials, metrics, select, target_metric, target_fraction),
+            status_counts_table(trials), critical_batch_table(trials, metrics, select)]

@@ -1,0 +1,123 @@
+"""A small but realistic MLflow store, laid out as notes/contract.md says a sweep writes it.
+
+Used by the analysis figure and report tests (not collected itself: no ``test_`` prefix).
+Curves are synthetic but shaped like training: accuracy rises towards a ceiling that
+depends on the distance of log10(lr) from each family's best LR; one trial diverges, one
+errors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+STUDY = "demo"
+MODELS = ("mlp", "cnn")
+FAMILIES = {"sgd": -1.0, "adam": -2.5, "svrg": -1.0}  # family -> log10 of its best LR
+LRS = {"sgd": (0.01, 0.1, 1.0), "adam": (0.0003, 0.003, 0.03), "svrg": (0.01, 0.1, 1.0)}
+BATCH_SIZES = (32, 128)
+TRAIN_SIZE = 512
+EPOCHS = 3
+HIST_EDGES = [float(e) for e in np.linspace(-8.0, 1.0, 19)]
+
+
+def _ceiling(model, family, lr, batch_size):
+    base = {"mlp": 0.70, "cnn": 0.92}[model] + {"sgd": 0.0, "adam": 0.01, "svrg": -0.01}[family]
+    return base - 0.08 * (math.log10(lr) - FAMILIES[family]) ** 2 - 0.01 * (batch_size == 128)
+
+
+def _grad_hist(rng):
+    iterations = [1, 10, 40]
+    layers = {}
+    for layer in ("fc1.weight", "fc2.weight"):
+        entries = []
+        for i, it in enumerate(iterations):
+            centre = -3.0 - i  # magnitudes shrink during training
+            logs = rng.normal(centre, 0.8, size=2000)
+            counts, _ = np.histogram(logs, bins=HIST_EDGES)
+            entries.append({"iteration": it, "edges": HIST_EDGES,
+                            "counts": [int(c) for c in counts]})
+        layers[layer] = entries
+    return {"iterations": iterations, "layers": layers}
+
+
+def _trial_metrics(model, family, lr, batch_size, seed, diverge):
+    """Metric list (key, value, step) of one trial, per epoch + variance measurements."""
+    from mlflow.entities import Metric
+
+    rng = np.random.default_rng(hash((model, family, lr, batch_size, seed)) % 2**32)
+    steps_per_epoch = TRAIN_SIZE // batch_size
+    ceiling = _ceiling(model, family, lr, batch_size)
+    work = {"svrg": 2.0}.get(family, 1.0)  # svrg's snapshot passes cost extra gradients
+    now = int(time.time() * 1000)
+    out = []
+    for epoch in range(1, EPOCHS + 1):
+        step = epoch * steps_per_epoch
+        acc = 0.1 + (ceiling - 0.1) * (1 - math.exp(-epoch / 1.2)) + rng.normal(0, 0.004)
+        loss = 2.3 * math.exp(-epoch * ceiling) + 0.05
+        if diverge and epoch >= 2:
+            acc, loss = 0.1, float("nan")
+        values = {"epoch": epoch, "train_loss": loss, "train_accuracy": acc + 0.02,
+                  "val_loss": loss * 1.1, "val_accuracy": acc - 0.005, "test_loss": loss * 1.1,
+                  "test_accuracy": acc, "grad_evals": work * epoch * TRAIN_SIZE,
+                  "time_s": epoch * (0.5 + 0.1 * work), "lr": lr,
+                  "diverged": float(diverge and epoch >= 2)}
+        out += [Metric(k, float(v), now, step) for k, v in values.items()]
+    for step in (1, steps_per_epoch, EPOCHS * steps_per_epoch):
+        var = 10 ** (-2 + 0.3 * math.log10(step + 1)) / batch_size * {"svrg": 0.5}.get(family, 1)
+        gnorm = 0.5 / math.sqrt(step + 1)
+        values = {"var/dir_var": var, "var/dir_nvar": var / gnorm**2, "var/sgd_var": var,
+                  "var/sgd_nvar": var / gnorm**2, "var/dir_gnorm": gnorm, "var/bias": 0.0,
+                  "var/noise_scale": 40.0 + 20 * math.log10(step + 1) + rng.normal(0, 1)}
+        out += [Metric(k, float(v), now, step) for k, v in values.items()]
+    return out
+
+
+def build_store(root: Path, with_hist: bool = True) -> str:
+    """Create the store under ``root``; returns its tracking URI."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(STUDY, artifact_location=(root / "mlartifacts").as_uri())
+    parent = client.create_run(exp_id, run_name=f"{STUDY}-sweep-0", tags={
+        "gradstudy.kind": "study", "gradstudy.study": STUDY})
+    client.log_batch(parent.info.run_id, params=[Param("dataset", "mnist1d"),
+                                                 Param("epochs", str(EPOCHS))])
+    rng = np.random.default_rng(0)
+    for model in MODELS:
+        for family, lrs in LRS.items():
+            for lr in lrs:
+                for batch_size in BATCH_SIZES:
+                    seeds = (0, 1) if lr == 10 ** FAMILIES[family] or family == "adam" else (0,)
+                    for seed in seeds:
+                        diverge = family == "sgd" and lr == 1.0 and batch_size == 32
+                        errored = family == "svrg" and lr == 1.0 and batch_size == 32
+                        status = "diverged" if diverge else "errored" if errored else "finished"
+                        arm = f"{model}/{family}/default"
+                        tags = {"mlflow.parentRunId": parent.info.run_id,
+                                "gradstudy.kind": "trial", "gradstudy.study": STUDY,
+                                "family": family, "variant": "default", "model": model,
+                                "arm": arm, "trial_id": f"t{rng.integers(1e9)}",
+                                "status": status}
+                        run = client.create_run(exp_id, tags=tags)
+                        rid = run.info.run_id
+                        params = {"lr": lr, "batch_size": batch_size, "seed": seed,
+                                  "family": family, "variant": "default", "model": model,
+                                  "dataset": "mnist1d", "epochs": EPOCHS, "model.width": 64}
+                        metrics = [] if errored else _trial_metrics(
+                            model, family, lr, batch_size, seed, diverge)
+                        client.log_batch(rid, metrics=metrics, params=[
+                            Param(k, str(v)) for k, v in params.items()])
+                        if with_hist and not errored and seed == 0:
+                            path = root / "tmp_hist" / rid / "grad_hist.json"
+                            path.parent.mkdir(parents=True)
+                            path.write_text(json.dumps(_grad_hist(rng)))
+                            client.log_artifact(rid, str(path))
+                        client.set_terminated(rid, "FAILED" if errored else "FINISHED")
+    return uri
