@@ -1,0 +1,46 @@
+# gradstudy: `make sweep` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.install-stamp
+SPACE  ?= search_spaces/default.yaml
+STUDY  ?= default
+PORT   ?= 5000
+
+.PHONY: install sweep report ui test test-quick bench lint clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes. torch/torchvision are pinned to the releases
+# pip finds on local disk here (torch 2.14.1 / torchvision 0.29.1).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+sweep: $(STAMP)            ## run (or resume) a study: make sweep SPACE=search_spaces/x.yaml
+	$(PY) -m study sweep $(SPACE)
+
+report: $(STAMP)           ## tables + figures for a study: make report STUDY=default
+	$(PY) -m study report --study $(STUDY)
+
+ui: $(STAMP)               ## MLflow UI on 127.0.0.1 only
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
+		--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
+
+test: $(STAMP)             ## the whole suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-quick: $(STAMP)       ## everything but the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)            ## speed targets, printed as ratios measured side by side
+	@mkdir -p bench/results
+	for b in bench/*.py; do $(PY) $$b --json bench/results/$$(basename $$b .py).json || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check study analysis tests bench
+
+clean:
+	rm -rf results reports mlflow.db mlartifacts
