@@ -1,0 +1,69 @@
+"""The trial loop without Ray: resume exactness, divergence as a result, cost accounting."""
+import math
+
+import pytest
+import torch
+
+from study.spec import parse_spec
+from study.trial import run_trial
+
+
+def tiny_spec(tmp_path, **over):
+    raw = {"name": "t", "dataset": {"name": "mnist1d", "size": 600, "root": str(tmp_path)},
+           "models": [{"name": "mlp", "widths": [16]}], "epochs": 4, "lr": [0.1],
+           "batch_size": [32], "families": {"sgd": {"variants": ["momentum"]}},
+           "measure": {"every": 0, "histograms": False}}
+    raw.update(over)
+    return parse_spec(raw)
+
+
+def collect():
+    reports = []
+    return reports, lambda metrics, state: reports.append((metrics, state))
+
+
+@pytest.mark.parametrize("family,variant", [("sgd", "momentum"), ("adam", "adam")])
+def test_interrupted_and_resumed_trial_ends_with_identical_weights(tmp_path, family, variant):
+    spec = tiny_spec(tmp_path, families={family: {"variants": [variant]}})
+    config = spec.trials()[0]
+    full, report_full = collect()
+    run_trial(config, spec, report=report_full)
+    part, report_part = collect()
+    run_trial(config, spec, report=report_part, stop_after=2)
+    assert len(part) == 2
+    # resume from the checkpoint state of epoch 2, as Ray hands it back after a restart
+    torch.save(part[-1][1], tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    rest, report_rest = collect()
+    run_trial(config, spec, report=report_rest, state=state)
+    assert [m["epoch"] for m, _ in rest] == [3, 4]
+    final_full, final_resumed = full[-1][1]["model"], rest[-1][1]["model"]
+    for key in final_full:
+        assert torch.equal(final_full[key], final_resumed[key]), key
+    assert full[-1][0]["grad_evals"] == rest[-1][0]["grad_evals"]
+    assert full[-1][0]["test_accuracy"] == rest[-1][0]["test_accuracy"]
+
+
+def test_divergence_is_a_result_not_an_error(tmp_path):
+    spec = tiny_spec(tmp_path, lr=[1e4])
+    reports, report = collect()
+    metrics = run_trial(spec.trials()[0], spec, report=report)
+    assert metrics["diverged"] == 1
+    assert len(reports) == 1, "a diverged trial stops at the epoch it diverged in"
+
+
+def test_cost_counts_examples_through_a_backward(tmp_path):
+    spec = tiny_spec(tmp_path, epochs=2)
+    metrics = run_trial(spec.trials()[0], spec)
+    steps = (480 - 48) // 32            # 600 examples: 480 train, 10% of them validation
+    assert metrics["iteration"] == 2 * steps
+    assert metrics["grad_evals"] == 2 * steps * 32
+    assert metrics["time_s"] > 0 and not math.isnan(metrics["train_loss"])
+    assert {"val_accuracy", "test_accuracy", "train_accuracy"} <= set(metrics)
+
+
+def test_training_learns_mnist1d(tmp_path):
+    spec = tiny_spec(tmp_path, epochs=10, dataset={"name": "mnist1d", "size": 2000,
+                                                   "root": str(tmp_path)})
+    metrics = run_trial(spec.trials()[0], spec)
+    assert metrics["train_loss"] < 1.6 and metrics["test_accuracy"] > 0.3
