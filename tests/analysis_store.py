@@ -67,7 +67,7 @@ def _trial_metrics(model, family, lr, batch_size, seed, diverge):
                   "diverged": float(diverge and epoch >= 2)}
         out += [Metric(k, float(v), now, step) for k, v in values.items()]
     for step in (1, steps_per_epoch, EPOCHS * steps_per_epoch):
-        var = 10 ** (-2 + 0.3 * math.log10(step + 1)) / batch_size * {"svrg": 0.5}.get(family, 1)
+        var = 10 ** (-2 + 0.3 * math.log10(step + 1)) / batch_size * {"svrg": 0.5, "adam": 0.8}.get(family, 1)
         gnorm = 0.5 / math.sqrt(step + 1)
         values = {"var/dir_var": var, "var/dir_nvar": var / gnorm**2, "var/sgd_var": var,
                   "var/sgd_nvar": var / gnorm**2, "var/dir_gnorm": gnorm, "var/bias": 0.0,

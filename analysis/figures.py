@@ -1,0 +1,377 @@
+"""Report figures (matplotlib Agg, PNG). Each function returns a ``FigureResult``: the path it
+wrote (None, with the reason, when there is nothing to draw) and counts of what it drew, so
+tests can check a figure without looking at pixels. One fixed colour per family everywhere.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+FAMILY_COLORS = {"sgd": "#1f77b4", "adam": "#ff7f0e", "snr": "#2ca02c",
+                 "well_tempered": "#d62728", "kfac": "#9467bd", "svrg": "#8c564b",
+                 "gc": "#e377c2"}
+_SPARE_COLORS = ("#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939")
+LINESTYLES = ("-", "--", ":", "-.")
+PANEL_W, PANEL_H, DPI = 4.2, 3.2, 120
+
+
+def family_color(family: str) -> str:
+    """Fixed colour of a family; families outside the dict get a stable spare colour."""
+    if family in FAMILY_COLORS:
+        return FAMILY_COLORS[family]
+    return _SPARE_COLORS[sum(map(ord, family)) % len(_SPARE_COLORS)]
+
+
+@dataclass
+class FigureResult:
+    path: Path | None
+    reason: str = ""
+    n_panels: int = 0
+    n_series: int = 0
+    n_cells: int = 0
+    n_marked: int = 0
+
+
+def skipped(reason: str) -> FigureResult:
+    log.info("figure skipped: %s", reason)
+    return FigureResult(None, reason)
+
+
+def _problems(frame: pd.DataFrame) -> list[tuple]:
+    return sorted(frame[["dataset", "model"]].drop_duplicates().itertuples(index=False, name=None))
+
+
+def _problem_label(problem: tuple) -> str:
+    dataset, model = problem
+    return model if dataset in ("unknown", None) else f"{dataset} / {model}"
+
+
+def _arm_suffix(arm: str) -> str:
+    """'<model>/<family>/<variant>[options]' -> '<variant>[options]' (the same across models)."""
+    return arm.split("/", 2)[-1] if arm.count("/") >= 2 else arm
+
+
+def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, str]]:
+    """(family, variant suffix) -> (colour, linestyle, label): colour by family, line style by
+    variant/options, so one legend entry serves every model."""
+    styles = {}
+    for family, part in frame.groupby("family"):
+        for i, suffix in enumerate(sorted({_arm_suffix(a) for a in part["arm"]})):
+            label = family if suffix == "default" else f"{family} ({suffix})"
+            styles[(family, suffix)] = (family_color(family), LINESTYLES[i % len(LINESTYLES)],
+                                        label)
+    return styles
+
+
+def _grid(n_rows: int, n_cols: int, **kw):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL_W * n_cols, PANEL_H * n_rows),
+                             squeeze=False, **kw)
+    return fig, axes
+
+
+def _save(fig, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _legend_right(fig, handles, labels):
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
+                   metric: str = "test_accuracy") -> FigureResult:
+    """DeepOBS LR-sensitivity: final accuracy vs LR, a panel per problem × batch size, a line
+    per family/variant (seed mean ± std); an x marks a diverged trial."""
+    if metric not in trials.columns or trials[metric].notna().sum() == 0:
+        return skipped(f"no {metric} logged")
+    data = trials[trials["status"] != "errored"]
+    problems, sizes = _problems(data), sorted(data["batch_size"].dropna().unique())
+    styles = _arm_styles(data)
+    fig, axes = _grid(len(problems), len(sizes), sharey="row")
+    n_series = n_marked = 0
+    for r, problem in enumerate(problems):
+        for c, size in enumerate(sizes):
+            ax = axes[r, c]
+            cell = data[(data["dataset"] == problem[0]) & (data["model"] == problem[1])
+                        & (data["batch_size"] == size)]
+            for (family, arm), part in cell.groupby(["family", "arm"]):
+                colour, style, _ = styles[(family, _arm_suffix(arm))]
+                ok = part[part["status"] != "diverged"].groupby("lr")[metric]
+                stats = ok.agg(["mean", "std"]).reset_index()
+                if len(stats):
+                    ax.errorbar(stats["lr"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0),
+                                color=colour, ls=style, marker="o", ms=4, capsize=2)
+                    n_series += 1
+                bad = part[part["status"] == "diverged"]
+                if len(bad):
+                    y = 100 * bad[metric].fillna(0.0).clip(lower=0)
+                    ax.scatter(bad["lr"], y, marker="x", s=60, color=colour, zorder=5)
+                    n_marked += len(bad)
+            ax.set_xscale("log")
+            ax.set_title(f"{_problem_label(problem)}, batch size {int(size)}", fontsize=10)
+            ax.set_xlabel("learning rate (log scale)")
+            if c == 0:
+                ax.set_ylabel(f"final {metric.replace('_', ' ')} (%)")
+            ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], color=c, ls=s, marker="o") for c, s, _ in styles.values()]
+    labels = [lab for _, _, lab in styles.values()]
+    handles.append(Line2D([], [], color="k", marker="x", ls="none"))
+    labels.append("diverged trial")
+    _legend_right(fig, handles, labels)
+    fig.tight_layout()
+    return FigureResult(_save(fig, Path(out_dir), "lr_sensitivity"), n_panels=axes.size,
+                        n_series=n_series, n_marked=n_marked)
+
+
+def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
+                   metric: str = "test_accuracy") -> FigureResult:
+    """Seed-mean final accuracy on the LR × batch-size grid, one panel per problem × arm;
+    cells say 'div' where a seed diverged and 'err' where every seed errored."""
+    if metric not in trials.columns or trials[metric].notna().sum() == 0:
+        return skipped(f"no {metric} logged")
+    panels = sorted(trials[["dataset", "model", "arm", "family"]].drop_duplicates()
+                    .itertuples(index=False, name=None))
+    ok = trials[trials["status"] == "finished"]
+    vmin, vmax = 100 * ok[metric].min(), 100 * ok[metric].max()
+    n_cols = min(3, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = _grid(n_rows, n_cols, layout="constrained")
+    n_cells = 0
+    image = None
+    for ax, (dataset, model, arm, family) in zip(axes.flat, panels):
+        part = trials[(trials["dataset"] == dataset) & (trials["model"] == model)
+                      & (trials["arm"] == arm)]
+        lrs, sizes = sorted(part["lr"].unique()), sorted(part["batch_size"].unique())
+        grid = np.full((len(lrs), len(sizes)), np.nan)
+        for i, lr in enumerate(lrs):
+            for j, size in enumerate(sizes):
+                cell = part[(part["lr"] == lr) & (part["batch_size"] == size)]
+                if cell.empty:
+                    continue
+                n_cells += 1
+                if (cell["status"] == "diverged").any():
+                    text = "div"
+                elif (cell["status"] == "errored").all():
+                    text = "err"
+                else:
+                    grid[i, j] = 100 * cell.loc[cell["status"] != "errored", metric].mean()
+                    text = f"{grid[i, j]:.1f}"
+                shade = np.isnan(grid[i, j]) or grid[i, j] < (vmin + vmax) / 2
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if shade and not np.isnan(grid[i, j]) else "black")
+        image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto",
+                          origin="lower")
+        ax.set_xticks(range(len(sizes)), [str(int(s)) for s in sizes])
+        ax.set_yticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs])
+        ax.set_xlabel("batch size (examples)")
+        ax.set_ylabel("learning rate (log grid)", fontsize=9)
+        suffix = _arm_suffix(arm)
+        title = family if suffix == "default" else f"{family} ({suffix})"
+        ax.set_title(f"{_problem_label((dataset, model))}: {title}", fontsize=10,
+                     color=family_color(family))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
+                     label=f"final {metric.replace('_', ' ')} (%)")
+    return FigureResult(_save(fig, Path(out_dir), "lr_bs_heatmaps"), n_panels=len(panels),
+                        n_cells=n_cells)
+
+
+def _seed_mean_curves(metrics: pd.DataFrame, run_ids: list[str], keys: list[str]):
+    """Per step, the mean over the given runs of each key (runs of one setting share steps)."""
+    part = metrics[metrics["run_id"].isin(run_ids) & metrics["key"].isin(keys)]
+    if part.empty:
+        return pd.DataFrame()
+    return part.pivot_table(index="step", columns="key", values="value", aggfunc="mean")
+
+
+def _setting_label(row) -> str:
+    suffix = _arm_suffix(row["arm"])
+    name = row["family"] if suffix == "default" else f"{row['family']} ({suffix})"
+    return f"{name}: B={int(row['batch_size'])}, lr={row['lr']:.2g}"
+
+
+def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
+    """Test accuracy and train loss per unit of work (gradient evaluations) at each family's
+    tuned setting (seed means)."""
+    wanted = ["grad_evals", "test_accuracy", "train_loss"]
+    if best.empty or metrics.empty or "grad_evals" not in set(metrics["key"]):
+        return skipped("no grad_evals history to plot learning curves against")
+    problems = _problems(best)
+    fig, axes = _grid(len(problems), 2)
+    n_series = 0
+    for r, problem in enumerate(problems):
+        rows = best[(best["dataset"] == problem[0]) & (best["model"] == problem[1])]
+        for _, row in rows.iterrows():
+            curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
+            if curves.empty or "grad_evals" not in curves:
+                continue
+            for ax, key, scale in ((axes[r, 0], "test_accuracy", 100), (axes[r, 1], "train_loss",
+                                                                      1)):
+                if key in curves:
+                    c = curves[["grad_evals", key]].dropna()
+                    ax.plot(c["grad_evals"], scale * c[key], color=family_color(row["family"]),
+                            marker=".", label=_setting_label(row))
+                    n_series += 1
+        axes[r, 0].set_ylabel("test accuracy (%)")
+        axes[r, 1].set_ylabel("train loss (cross-entropy, log scale)")
+        axes[r, 1].set_yscale("log")
+        for ax in axes[r]:
+            ax.set_xlabel("gradient evaluations (examples through a backward)")
+            ax.set_title(_problem_label(problem), fontsize=10)
+            ax.grid(True, alpha=0.3)
+        axes[r, 1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return FigureResult(_save(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
+                        n_series=n_series)
+
+
+def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
+    """Faghri et al.: variance and normalized variance of each family's step direction over
+    iterations, at its tuned setting (seed means, log y)."""
+    keys = {"var/dir_var": "direction variance", "var/dir_nvar": "normalized variance"}
+    if best.empty or metrics.empty or not set(keys) & set(metrics["key"]):
+        return skipped("no var/dir_var or var/dir_nvar metrics recorded")
+    problems = _problems(best)
+    fig, axes = _grid(len(problems), 2)
+    n_series = 0
+    for r, problem in enumerate(problems):
+        rows = best[(best["dataset"] == problem[0]) & (best["model"] == problem[1])]
+        for _, row in rows.iterrows():
+            curves = _seed_mean_curves(metrics, row["run_ids"], list(keys))
+            for ax, key in zip(axes[r], keys):
+                if key in curves and curves[key].notna().any():
+                    c = curves[key].dropna()
+                    ax.plot(c.index, c.values, color=family_color(row["family"]), marker=".",
+                            label=_setting_label(row))
+                    n_series += 1
+        for ax, (key, name) in zip(axes[r], keys.items()):
+            ax.set_yscale("log")
+            ax.set_xlabel("iteration (optimizer steps)")
+            ax.set_ylabel(f"{name} (log scale)")
+            ax.set_title(f"{_problem_label(problem)}: {key}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+        axes[r, 1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return FigureResult(_save(fig, Path(out_dir), "variance"), n_panels=axes.size,
+                        n_series=n_series)
+
+
+def _pooled_histogram(entries: list[dict]):
+    """Sum one iteration's per-layer histograms (all layers pooled). Layers with different
+    log10 edges are re-binned onto a grid no finer than the coarsest layer (no empty gaps)."""
+    first = np.asarray(entries[0]["edges"], float)
+    if all(np.array_equal(np.asarray(e["edges"], float), first) for e in entries):
+        return first, np.sum([np.asarray(e["counts"], float) for e in entries], axis=0)
+    lo = min(e["edges"][0] for e in entries)
+    hi = max(e["edges"][-1] for e in entries)
+    width = max((e["edges"][-1] - e["edges"][0]) / (len(e["edges"]) - 1) for e in entries)
+    edges = np.linspace(lo, hi, max(2, int(np.ceil((hi - lo) / width))) + 1)
+    counts = np.zeros(len(edges) - 1)
+    for e in entries:
+        centres = (np.asarray(e["edges"][:-1]) + np.asarray(e["edges"][1:])) / 2
+        counts += np.histogram(centres, bins=edges, weights=np.asarray(e["counts"], float))[0]
+    return edges, counts
+
+
+def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5) -> FigureResult:
+    """Histograms of |gradient entries| (all layers pooled) on log-log axes, one panel per
+    (problem, family) run, one line per logged iteration (darker = later)."""
+    hists = {k: v for k, v in hists.items() if v and v.get("layers")}
+    if not hists:
+        return skipped("no grad_hist.json artifacts available")
+    keys = sorted(hists)
+    n_cols = min(3, len(keys))
+    n_rows = -(-len(keys) // n_cols)
+    fig, axes = _grid(n_rows, n_cols)
+    n_series = 0
+    for ax, key in zip(axes.flat, keys):
+        dataset, model, family = key
+        by_iter: dict[int, list] = {}
+        for entries in hists[key]["layers"].values():
+            for e in entries:
+                by_iter.setdefault(int(e["iteration"]), []).append(e)
+        iterations = sorted(by_iter)
+        pick = [iterations[int(i)] for i in np.unique(np.linspace(0, len(iterations) - 1,
+                                                                  min(max_lines, len(iterations))))]
+        base = np.array(to_rgb(family_color(family)))
+        for k, it in enumerate(pick):
+            edges, counts = _pooled_histogram(by_iter[it])
+            shade = 0.25 + 0.75 * (k + 1) / len(pick)
+            colour = 1 - shade * (1 - base)  # light (early) -> full family colour (late)
+            ax.stairs(np.where(counts > 0, counts, np.nan), 10 ** edges, color=colour,
+                      label=f"iteration {it}", lw=1.5)
+            n_series += 1
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("|gradient entry| (log scale)")
+        ax.set_ylabel("number of entries (log scale)")
+        ax.set_title(f"{_problem_label((dataset, model))}: {family}", fontsize=10,
+                     color=family_color(family))
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return FigureResult(_save(fig, Path(out_dir), "grad_histograms"), n_panels=len(keys),
+                        n_series=n_series)
+
+
+def profile_curve(costs: pd.DataFrame, taus: np.ndarray) -> dict[str, np.ndarray]:
+    """ρ_s(τ): share of problems on which family s is within factor τ of the best family.
+    ``costs``: rows = problems, columns = families, ∞/NaN = target not reached."""
+    costs = costs.astype(float).fillna(np.inf)
+    best = costs.min(axis=1)
+    ratios = costs.div(best, axis=0).where(np.isfinite(best), np.inf, axis=0)
+    return {fam: np.array([(ratios[fam] <= t).mean() for t in taus]) for fam in costs.columns}
+
+
+def profile_score(rho: np.ndarray, taus: np.ndarray) -> float:
+    """AlgoPerf score: the normalised area under ρ(τ) from 1 to r_max."""
+    return float(np.trapezoid(rho, taus) / (taus[-1] - taus[0]))
+
+
+def performance_profiles(cost: pd.DataFrame, out_dir: Path, r_max: float = 4.0) -> FigureResult:
+    """AlgoPerf performance profiles over problems (dataset × model) of the cost to reach the
+    target, in gradient evaluations and in seconds, at each family's tuned setting."""
+    if cost.empty:
+        return skipped("no cost-to-target data")
+    cost = cost.assign(problem=cost["dataset"].astype(str) + "/" + cost["model"].astype(str))
+    if cost["problem"].nunique() < 2:
+        return skipped("performance profiles need at least 2 problems (dataset × model)")
+    taus = np.linspace(1.0, r_max, 301)
+    fig, axes = _grid(1, 2)
+    n_series = 0
+    for ax, col, unit in ((axes[0, 0], "grad_evals_to_target", "gradient evaluations"),
+                          (axes[0, 1], "time_s_to_target", "wall-clock seconds")):
+        table = cost.pivot_table(index="problem", columns="family", values=col, aggfunc="min")
+        for fam, rho in profile_curve(table, taus).items():
+            ax.step(taus, rho, where="post", color=family_color(fam),
+                    label=f"{fam} (score {profile_score(rho, taus):.2f})")
+            n_series += 1
+        ax.set_xlim(1, r_max)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"τ: cost ratio to the best family ({unit})")
+        ax.set_ylabel("ρ(τ): share of problems within τ")
+        ax.set_title(f"cost to target in {unit} ({table.shape[0]} problems)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return FigureResult(_save(fig, Path(out_dir), "performance_profiles"), n_panels=2,
+                        n_series=n_series)
