@@ -4,15 +4,16 @@ the global iteration counter; after each epoch run the epoch periodics due at th
 finished epochs. Returns the gradient evaluations spent (steps + periodic work)."""
 from __future__ import annotations
 
-import torch
-
 from study.data import DataSplit, epoch_generator
 from study.optim.base import Context, Optimizer
 
 
+PERIODIC_STREAM = 1
+
+
 def make_context(opt: Optimizer, train: DataSplit, batch_size: int, seed: int = 0) -> Context:
     return Context(opt.model, opt.loss_fn, train, batch_size, 0, 0,
-                   torch.Generator().manual_seed(seed))
+                   epoch_generator(seed, 0, PERIODIC_STREAM))
 
 
 def run_epochs(opt: Optimizer, ctx: Context, epochs: int, seed: int = 0) -> int:
@@ -20,6 +21,8 @@ def run_epochs(opt: Optimizer, ctx: Context, epochs: int, seed: int = 0) -> int:
     periodics = opt.periodic()
     cost = 0
     for _ in range(epochs):
+        # periodic work draws from its own per-epoch stream, so a resumed run matches
+        ctx.generator = epoch_generator(seed, ctx.epoch, PERIODIC_STREAM)
         sampler = opt.sampler(len(ctx.train), ctx.batch_size, epoch_generator(seed, ctx.epoch))
         for idx in sampler:
             cost += sum(p.run(ctx) for p in periodics if p.due("iter", ctx.iteration))

@@ -1,0 +1,298 @@
+"""Gradient Clustering (GC, "Gluster"; Faghri et al. 2020): stratified sampling over clusters
+of per-example gradients, with importance weights that keep the estimate unbiased.
+
+Clusters live in gradient space with one rank-1 center ``Co ⊗ Ci`` per Linear/Conv layer
+(``gc_distance``); other layers' parameters are not clustered. Assignment minimizes the
+*weighted* objective ``(N_k + 1)·||g_i − c_k||²`` (Faghri's default ``mul_Nk``): the variance
+of the stratified estimator is ``(1/N²) Σ_k N_k Σ_{i∈k} ||g_i − c_k||²``. Centers are the
+cluster means of the factors (``Factors.pooled``).
+
+Variants
+- ``batch``: every ``snapshot_every`` epochs, ``citers`` passes over the training set
+  (assign every example; if the smallest cluster has fewer than ``min_size`` members, a
+  random half of the highest-distortion cluster moves into it; recompute centers). Cost N
+  per pass plus the examples moved (their factors are recomputed).
+- ``online``: every ``online_every`` iterations one EM step on a random mini-batch (assign,
+  sizes ``N_k ← β·N_k + (1−β)·counts`` in examples-per-batch units, size-weighted center
+  blend); every ``reinit_every`` iterations the smallest cluster with ``N_k/B < min_size/C``
+  becomes a copy of the highest-distortion cluster (both take half its size). Every
+  ``snapshot_every`` epochs one assignment pass (cost N) gives the sampler its strata.
+
+Centers start from k-means++ seeding on a random pool of max(4·C, B) examples (cost: the
+pool), so a center is a real example's gradient (Faghri seeds randomly).
+
+Why assignments change only at epoch ends: the trial builds an epoch's sampler before that
+epoch's first step, and ``direction`` weights a batch by the assignment the sampler drew it
+with. So the stratification switches only between epochs; the first epoch (until the first
+snapshot at the end of epoch ``snapshot_every``) is uniform sampling with unit weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from study.data import Batch, UniformSampler
+from study.grads.capture import SUPPORTED, layers_with_params
+from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
+from study.optim.gc_distance import Factors, check_supported, example_factors, total_distances
+from study.optim.registry import register
+from study.optim.stratified import StratifiedSampler, cluster_counts, importance_weights
+
+CLUSTER_PASS_BATCH = 256
+"""Examples per chunk in clustering passes (memory bound, not semantics)."""
+
+
+def kmeans_pp(dist: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: ``dist[i, j]`` is the squared distance of candidate i to candidate
+    j's center; each pick is drawn with probability ∝ distance to the nearest pick."""
+    dist = dist.detach().to("cpu", torch.float64)
+    chosen = [int(torch.randint(dist.shape[0], (1,), generator=generator))]
+    nearest = dist[:, chosen[0]].clone()
+    for _ in range(k - 1):
+        w = nearest.clamp(min=0)
+        w = w if w.sum() > 0 else torch.ones_like(w)
+        chosen.append(int(torch.multinomial(w, 1, generator=generator)))
+        nearest = torch.minimum(nearest, dist[:, chosen[-1]])
+    return torch.tensor(chosen)
+
+
+@register
+class GC(Optimizer):
+    family = "gc"
+    variants = ("online", "batch")
+    options = {"nclusters": 10, "citers": 3, "snapshot_every": 1, "online_every": 10,
+               "beta": 0.99, "reinit_every": 50, "min_size": 1.0, "momentum": 0.0,
+               "weight_decay": 0.0}
+
+    def __init__(self, model, loss_fn, lr, variant=None, **options):
+        super().__init__(model, loss_fn, lr, variant, **options)
+        o = self.opts
+        for name in ("nclusters", "citers", "snapshot_every", "online_every"):
+            if int(o[name]) < 1:
+                raise ValueError(f"gc: {name} must be >= 1, got {o[name]}")
+        if not 0.0 <= float(o["beta"]) < 1.0:
+            raise ValueError(f"gc: beta must be in [0, 1), got {o['beta']}")
+        if int(o["reinit_every"]) < 0 or float(o["min_size"]) < 0:
+            raise ValueError("gc: reinit_every and min_size must be >= 0")
+        self.nclusters = int(o["nclusters"])
+        self.modules = [m for m in layers_with_params(model) if isinstance(m, SUPPORTED)]
+        if not self.modules:
+            raise ValueError("gc: the model has no Linear/Conv1d/Conv2d layer to cluster")
+        for m in self.modules:
+            check_supported(m)
+        dev = self.params[0].device
+        self.ci: list[torch.Tensor] | None = None   # per layer (C, I): input factors
+        self.co: list[torch.Tensor] | None = None   # per layer (C, O): output factors
+        self.sizes = torch.zeros(self.nclusters, dtype=torch.float64, device=dev)
+        self.distortion = torch.zeros(self.nclusters, dtype=torch.float64, device=dev)
+        self.assignment: torch.Tensor | None = None  # (N,) cluster of each example
+        self.counts: torch.Tensor | None = None      # (C,) members per cluster
+        self.total_distortion = math.nan
+        self.reinits = 0
+
+    # -- schedule -----------------------------------------------------------------------------
+    def periodic(self) -> list[Periodic]:
+        every = int(self.opts["snapshot_every"])
+        if self.variant == "batch":
+            return [Periodic("snapshot", every, "epoch", self.batch_snapshot)]
+        work = [Periodic("frequent", int(self.opts["online_every"]), "iter", self.em_step),
+                Periodic("snapshot", every, "epoch", self.assignment_snapshot)]
+        if int(self.opts["reinit_every"]):
+            work.insert(1, Periodic("frequent", int(self.opts["reinit_every"]), "iter",
+                                    self.reinit))
+        return work
+
+    # -- the estimator ------------------------------------------------------------------------
+    def direction(self, batch: Batch) -> Direction:
+        weights = None
+        if self.assignment is not None:
+            weights = importance_weights(self.assignment, self.counts, batch.idx)
+            weights = weights.to(self.params[0].dtype)
+        grads, loss = gradient(self.model, self.loss_fn, batch, self.params, weights)
+        return Direction(grads, loss, grad_evals=len(batch))
+
+    def sampler(self, n: int, batch_size: int, generator: torch.Generator):
+        if self.assignment is None:
+            return UniformSampler(n, batch_size, generator)
+        if self.assignment.numel() != n:
+            raise ValueError(f"gc: the assignment covers {self.assignment.numel()} examples, "
+                             f"the sampler was asked for {n}")
+        return StratifiedSampler(self.assignment, batch_size, generator)
+
+    def metrics(self) -> dict[str, float]:
+        nonempty = 0 if self.counts is None else int((self.counts > 0).sum())
+        return {"gc/total_distortion": self.total_distortion,
+                "gc/nonempty_clusters": float(nonempty), "gc/reinits": float(self.reinits)}
+
+    # -- clustering ---------------------------------------------------------------------------
+    def _factors(self, batch: Batch) -> list[Factors]:
+        return example_factors(self.model, self.loss_fn, batch.x, batch.y, self.modules)
+
+    def _assign(self, factors: list[Factors], sizes: torch.Tensor):
+        """Weighted assignment and each example's (unweighted) squared distance."""
+        dist = total_distances(factors, self.ci, self.co)
+        choice = (dist * (sizes + 1).to(dist.dtype)[None]).argmin(1)
+        return choice, dist.gather(1, choice[:, None]).squeeze(1).double()
+
+    def init_centers(self, ctx: Context) -> int:
+        """k-means++ seeding on a random pool; returns the pool size (its cost)."""
+        n = len(ctx.train)
+        pool = torch.randperm(n, generator=ctx.generator)[:min(n, max(4 * self.nclusters,
+                                                                      ctx.batch_size))]
+        factors = self._factors(ctx.train.batch(pool))
+        pooled = [f.pooled() for f in factors]
+        dist = total_distances(factors, [p[0] for p in pooled], [p[1] for p in pooled])
+        chosen = kmeans_pp(dist, self.nclusters, ctx.generator).to(dist.device)
+        self.ci = [p[0][chosen].clone() for p in pooled]
+        self.co = [p[1][chosen].clone() for p in pooled]
+        return len(pool)
+
+    def _pass(self, ctx: Context, sizes: torch.Tensor, accumulate: bool):
+        """Assign every training example; optionally sum its pooled factors per cluster."""
+        c, n = self.nclusters, len(ctx.train)
+        assignment = torch.empty(n, dtype=torch.long, device=self.sizes.device)
+        distortion = torch.zeros_like(self.distortion)
+        sums = [(torch.zeros_like(i), torch.zeros_like(o)) for i, o in zip(self.ci, self.co)]
+        for batch in ctx.train.batches(max(CLUSTER_PASS_BATCH, ctx.batch_size)):
+            factors = self._factors(batch)
+            choice, dist = self._assign(factors, sizes)
+            assignment[batch.idx] = choice
+            distortion.index_add_(0, choice, dist)
+            if accumulate:
+                _accumulate(sums, factors, choice)
+        return assignment, distortion, sums, cluster_counts(assignment, c)
+
+    def _publish(self, assignment, counts, distortion) -> None:
+        self.assignment, self.counts, self.distortion = assignment, counts, distortion
+        self.total_distortion = float(distortion.sum())
+
+    def batch_snapshot(self, ctx: Context) -> int:
+        """``citers`` assign/rebalance/update passes; the last assignment feeds the sampler."""
+        cost = self.init_centers(ctx) if self.ci is None else 0
+        sizes = self.counts.double() if self.counts is not None else torch.zeros_like(self.sizes)
+        for _ in range(int(self.opts["citers"])):
+            assignment, distortion, sums, counts = self._pass(ctx, sizes, accumulate=True)
+            cost += len(ctx.train) + self._rebalance(ctx, assignment, counts, distortion, sums)
+            counts = cluster_counts(assignment, self.nclusters)
+            filled = counts > 0
+            for (si, so), ci, co in zip(sums, self.ci, self.co):
+                ci[filled] = si[filled] / counts[filled, None].to(si.dtype)
+                co[filled] = so[filled] / counts[filled, None].to(so.dtype)
+            sizes = counts.double()
+        self.sizes = sizes
+        self._publish(assignment, counts, distortion)
+        return cost
+
+    def _rebalance(self, ctx, assignment, counts, distortion, sums) -> int:
+        """Move a random half of the highest-distortion cluster into the smallest one if it
+        has fewer than ``min_size`` members; returns the examples re-run for their factors."""
+        small = int(counts.argmin())
+        min_size = float(self.opts["min_size"])
+        if counts[small] >= min_size:
+            return 0
+        candidates = distortion.masked_fill(counts < max(min_size, 2), -math.inf)
+        big = int(candidates.argmax())
+        if candidates[big] == -math.inf:
+            return 0
+        members = torch.nonzero(assignment == big).squeeze(1)
+        half = torch.randperm(members.numel(), generator=ctx.generator)[:members.numel() // 2]
+        moved = members[half.to(members.device)]
+        assignment[moved] = small
+        for batch in _batches_of(ctx.train, moved, max(CLUSTER_PASS_BATCH, ctx.batch_size)):
+            for (si, so), f in zip(sums, self._factors(batch)):
+                a, g = f.pooled()
+                si[big] -= a.sum(0)
+                si[small] += a.sum(0)
+                so[big] -= g.sum(0)
+                so[small] += g.sum(0)
+        self.reinits += 1
+        return moved.numel()
+
+    def assignment_snapshot(self, ctx: Context) -> int:
+        """Online variant: assign every example to the current centers (cost N)."""
+        cost = self._ensure_online_init(ctx)
+        assignment, distortion, _, counts = self._pass(ctx, self.sizes, accumulate=False)
+        self._publish(assignment, counts, distortion)
+        return cost + len(ctx.train)
+
+    def _ensure_online_init(self, ctx: Context) -> int:
+        if self.ci is not None:
+            return 0
+        cost = self.init_centers(ctx)
+        self.sizes = torch.full_like(self.sizes, ctx.batch_size / self.nclusters)
+        return cost
+
+    def em_step(self, ctx: Context) -> int:
+        """One online EM step on a random mini-batch drawn with ``ctx.generator``."""
+        cost = self._ensure_online_init(ctx)
+        n, beta = len(ctx.train), float(self.opts["beta"])
+        idx = torch.randperm(n, generator=ctx.generator)[:ctx.batch_size]
+        factors = self._factors(ctx.train.batch(idx))
+        choice, dist = self._assign(factors, self.sizes)
+        counts = cluster_counts(choice, self.nclusters).double()
+        post = (1 - beta) * counts
+        new = beta * self.sizes + post
+        pre = new - post
+        ratio = post / counts.clamp(min=1)
+        sums = [(torch.zeros_like(i), torch.zeros_like(o)) for i, o in zip(self.ci, self.co)]
+        _accumulate(sums, factors, choice)
+        keep = new > 0
+        for (si, so), ci, co in zip(sums, self.ci, self.co):
+            for center, s in ((ci, si), (co, so)):
+                w_old, w_new, total = (t[keep, None].to(center.dtype) for t in (pre, ratio, new))
+                center[keep] = (w_old * center[keep] + w_new * s[keep]) / total
+        batch_dist = torch.zeros_like(self.distortion).index_add_(0, choice, dist)
+        self.distortion = beta * self.distortion + (1 - beta) * batch_dist
+        self.sizes = new
+        return cost + len(idx)
+
+    def reinit(self, ctx: Context) -> int:
+        """Online: re-seed the smallest under-sized cluster from the highest-distortion one."""
+        if self.ci is None:
+            return 0
+        small = self.sizes / ctx.batch_size < float(self.opts["min_size"]) / self.nclusters
+        candidates = self.distortion.masked_fill(small, -math.inf)
+        if not small.any() or candidates.max() == -math.inf:
+            return 0
+        ri = int(self.sizes.masked_fill(~small, math.inf).argmin())
+        li = int(candidates.argmax())
+        for centers in (*self.ci, *self.co):
+            centers[ri] = centers[li]
+        for stat in (self.sizes, self.distortion):
+            stat[li] /= 2
+            stat[ri] = stat[li]
+        self.reinits += 1
+        return 0
+
+    # -- checkpoints --------------------------------------------------------------------------
+    _STATE = ("ci", "co", "sizes", "distortion", "assignment", "counts")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["gc"] = {k: getattr(self, k) for k in self._STATE}
+        state["gc"].update(total_distortion=self.total_distortion, reinits=self.reinits)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        gc = state["gc"]
+        for k in self._STATE:
+            v = gc[k]
+            v = [t.clone() for t in v] if isinstance(v, list) else v
+            setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else v)
+        self.total_distortion, self.reinits = gc["total_distortion"], gc["reinits"]
+
+
+def _accumulate(sums, factors: list[Factors], choice: torch.Tensor) -> None:
+    """Add each example's pooled factors to its cluster's running sums."""
+    for (si, so), f in zip(sums, factors):
+        a, g = f.pooled()
+        si.index_add_(0, choice, a)
+        so.index_add_(0, choice, g)
+
+
+def _batches_of(split, idx: torch.Tensor, chunk: int):
+    for start in range(0, idx.numel(), chunk):
+        yield split.batch(idx[start:start + chunk])

@@ -1,0 +1,146 @@
+"""Squared distances between per-example gradients and rank-1 cluster centers (Faghri et al.,
+``gluster/layer.py``), per Linear / Conv1d / Conv2d layer.
+
+Every supported layer's per-example gradient is a sum over positions t of outer products,
+``g_i = Σ_t go_it ⊗ a_it`` (Linear: one position; Conv: the unfolded input patches), where
+``a`` is the layer input and ``go`` the gradient of the example's own loss (not divided by
+the batch size) at the layer output. The bias is folded in as an appended constant 1 in
+``a``: ``[W | b]``'s gradient is ``Σ_t go_t ⊗ [a_t, 1]`` exactly, so one rank-1 center
+``Co ⊗ Ci`` per layer covers weight and bias together (Faghri's code leaves the bias out).
+
+    ||g_i − Co⊗Ci||² = GG_i + ||Ci||²·||Co||² − 2·CG_ic,
+    CG_ic = Σ_t (Ci·a_it)(Co·go_it),        GG_i = Σ_{s,t} (a_is·a_it)(go_is·go_it).
+
+Plans (multiply-adds for B examples, T positions, C centers, input width I, output O):
+- ``factored``:    CG by two projections (B·T·C·(I+O)), GG by the T×T Gram form (B·T²·(I+O));
+- ``materialize``: per-example gradients (B·T·I·O), then CG (B·I·O·C) and GG (B·I·O);
+- ``mixed``:       factored CG, GG from materialized gradients (B·T·C·(I+O) + B·T·I·O).
+``choose_plan`` takes the cheapest; Linear layers (T = 1) always end up ``factored``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from study.grads.capture import capture
+from study.grads.layer import batch_chunks
+
+PLANS = ("factored", "materialize", "mixed")
+
+
+@dataclass
+class Factors:
+    """One layer's per-example factors: ``a`` (B, T, I) with the bias 1 appended, ``g``
+    (B, T, O)."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example factors pooled over positions, the terms center updates average:
+        (mean_t a, Σ_t g); exact for Linear, the rank-1 pooling of Faghri's GlusterConv."""
+        return self.a.mean(1), self.g.sum(1)
+
+
+def check_supported(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        return
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        raise ValueError(f"gc: unsupported layer {type(module).__name__}")
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ValueError(f"gc: {module} needs groups=1 and numeric zero padding")
+
+
+def layer_factors(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> Factors:
+    """Factors of a captured layer (input ``a``, output gradient ``g``)."""
+    batch = a.shape[0]
+    if isinstance(module, nn.Linear):
+        a = a.reshape(batch, -1, a.shape[-1])
+        g = g.reshape(batch, -1, g.shape[-1])
+    else:
+        check_supported(module)
+        kernel, stride, padding, dilation = (module.kernel_size, module.stride,
+                                             module.padding, module.dilation)
+        if isinstance(module, nn.Conv1d):
+            a, g = a.unsqueeze(2), g.unsqueeze(2)
+            kernel, stride = (1, *kernel), (1, *stride)
+            padding, dilation = (0, *padding), (1, *dilation)
+        a = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+        a = a.transpose(1, 2)                                  # (B, T, Cin·k)
+        g = g.reshape(batch, g.shape[1], -1).transpose(1, 2)   # (B, T, Cout)
+    if module.bias is not None:
+        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+    return Factors(a, g)
+
+
+def example_factors(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                    modules: list[nn.Module]) -> list[Factors]:
+    """Factors of every module for a batch: one forward and one backward of Σ_i loss_i
+    (per-example losses, so each example's factors belong to its own, unscaled loss)."""
+    params = [p for m in modules for p in m.parameters(recurse=False) if p.requires_grad]
+    with torch.enable_grad(), capture(model, modules) as cap:
+        losses = loss_fn(model(x), y)
+        torch.autograd.grad(losses.sum(), params)
+    return [layer_factors(r.module, r.a, r.g) for r in cap]
+
+
+def plan_costs(batch: int, positions: int, d_in: int, d_out: int, centers: int) -> dict:
+    b, t, i, o, c = batch, positions, d_in, d_out, centers
+    return {"factored": b * t * c * (i + o) + b * t * t * (i + o),
+            "materialize": b * t * i * o + b * i * o * (c + 1),
+            "mixed": b * t * c * (i + o) + b * t * i * o + b * i * o}
+
+
+def choose_plan(batch: int, positions: int, d_in: int, d_out: int, centers: int) -> str:
+    costs = plan_costs(batch, positions, d_in, d_out, centers)
+    return min(PLANS, key=costs.__getitem__)
+
+
+def sq_distances(f: Factors, ci: torch.Tensor, co: torch.Tensor,
+                 plan: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, GG): D[i, c] = ||g_i − co_c ⊗ ci_c||² (B, C) and GG[i] = ||g_i||² (B,)."""
+    batch, positions, d_in = f.a.shape
+    d_out = f.g.shape[2]
+    plan = plan or choose_plan(batch, positions, d_in, d_out, ci.shape[0])
+    if plan not in PLANS:
+        raise ValueError(f"gc: unknown distance plan {plan!r}; choose from {list(PLANS)}")
+    cc = (ci * ci).sum(1) * (co * co).sum(1)
+    if plan == "factored":
+        cg = _factored_cg(f, ci, co)
+        if positions == 1:
+            gg = (f.a * f.a).sum((1, 2)) * (f.g * f.g).sum((1, 2))
+        else:
+            gram_a = torch.bmm(f.a, f.a.transpose(1, 2))
+            gram_g = torch.bmm(f.g, f.g.transpose(1, 2))
+            gg = (gram_a * gram_g).sum((1, 2))
+    else:
+        cg = _factored_cg(f, ci, co) if plan == "mixed" else None
+        gg_parts, cg_parts = [], []
+        for part in batch_chunks(batch, d_in * d_out):
+            grads = torch.bmm(f.g[part].transpose(1, 2), f.a[part])  # (b, O, I)
+            gg_parts.append((grads * grads).sum((1, 2)))
+            if cg is None:
+                cg_parts.append((torch.matmul(grads, ci.T) * co.T).sum(1))        # (b, C)
+        gg = torch.cat(gg_parts)
+        cg = cg if cg is not None else torch.cat(cg_parts)
+    return gg[:, None] + cc[None, :] - 2 * cg, gg
+
+
+def _factored_cg(f: Factors, ci: torch.Tensor, co: torch.Tensor) -> torch.Tensor:
+    """Σ_t (ci·a_t)(co·g_t), in batch chunks so the (b, T, C) projections stay bounded."""
+    batch, positions = f.a.shape[:2]
+    return torch.cat([(torch.matmul(f.a[part], ci.T) * torch.matmul(f.g[part], co.T)).sum(1)
+                      for part in batch_chunks(batch, positions * ci.shape[0])])
+
+
+def total_distances(factors: list[Factors], ci: list[torch.Tensor],
+                    co: list[torch.Tensor]) -> torch.Tensor:
+    """Distances to the centers summed over layers, clamped at 0 against round-off (B, C)."""
+    total = None
+    for f, i, o in zip(factors, ci, co):
+        d, _ = sq_distances(f, i, o)
+        total = d if total is None else total + d
+    return total.clamp_(min=0)
