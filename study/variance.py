@@ -1,0 +1,258 @@
+"""Gradient-variance measurement on the probe's own batches (Faghri et al.'s ``get_Ege_var``
+and ``log_var``), the gradient noise scale (McCandlish et al. 2018) and |gradient| histograms.
+
+Why a probe of its own: the statistics must describe the trajectory training takes without
+changing it. Every batch comes from generators seeded by (seed, iteration, stream >= 1)
+(training draws from stream 0, scheduled work from its own stream), the global torch RNG is
+saved and restored around each measurement (dropout in train mode would otherwise shift
+training's randomness), the optimizer is only asked for ``direction`` (pure, never ``step``)
+and nothing is written to ``p.grad``.
+
+Estimates, with n = ``measure.batches`` and nw = number of parameters (NOTES §1a):
+
+- ``Ege`` = mean of n directions on n batches; then on n FRESH batches g_1..g_n:
+  ``var`` = Σ_i ||g_i − Ege||² / n / nw, ``nvar`` = mean_j D_j / (S_j + 1e-7),
+  ``logsnr`` = mean_j [log(S_j + 1e-10) − log(D_j + 1e-10)], ``gnorm`` = Σ_j S_j / n / nw,
+  where S_j = Σ_i g_ij² and D_j = Σ_i (g_ij − Ege_j)² (the epsilons are gvar_code's).
+- both for the family's direction (``dir_*``) and for the plain mini-batch gradient at the
+  same weights on the same batches (``sgd_*``; common batches make ``bias`` =
+  mean_j |Ege_dir − Ege_sgd| exactly 0 for a family whose direction is the gradient).
+- B_simple = tr(Σ) / |G|² from the per-example gradients of the N = n·B fresh examples:
+  tr(Σ) = Σ_j per-example variance with Bessel's correction N/(N−1) (so it is unbiased
+  for i.i.d. examples), |G|² = |Ḡ|² − tr(Σ)/N (unbiased: E|Ḡ|² = |G|² + tr(Σ)/N). When noise
+  swamps the mean, that estimate can be ≤ 0; it is clamped at tr(Σ)/N, so the noise scale
+  saturates at N (the probe cannot resolve a noise scale beyond the examples it averaged)
+  and ``noise_scale = trace_sigma / grad_sq_norm`` always holds for the logged values.
+
+A family whose ``direction`` is the base class's (the plain gradient: sgd, adam) is not
+evaluated twice: its ``dir_*`` statistics reuse the gradient computations.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from study.data import Batch, DataSplit, UniformSampler, epoch_generator
+from study.grads import batch_stats
+from study.optim.base import Optimizer, gradient
+from study.spec import MeasureSpec
+
+ESTIMATE_STREAM = 1     # the mean set and the fresh set (2n batches, one generator)
+HISTOGRAM_STREAM = 2    # the probe batch of a histogram
+NVAR_EPS, SNR_EPS = 1e-7, 1e-10
+# Fixed histogram edges in log10 |g|: 4 bins per decade over [1e-12, 1e2].
+LOG10_LOW, LOG10_HIGH, BINS_PER_DECADE = -12, 2, 4
+
+
+class VarianceProbe:
+    """Measures the variance of an optimizer's step direction on batches of its own."""
+
+    def __init__(self, measure: MeasureSpec, train: DataSplit, batch_size: int, seed: int,
+                 total_iterations: int):
+        if batch_size < 1 or batch_size > len(train):
+            raise ValueError(f"batch_size: {batch_size} must be in [1, {len(train)}] "
+                             "(the training set's size)")
+        if total_iterations < 1:
+            raise ValueError(f"total_iterations: {total_iterations} must be >= 1")
+        if measure.every and measure.batches * batch_size < 2:
+            raise ValueError("measure.batches: the noise scale needs at least 2 examples "
+                             f"(batches × batch_size = {measure.batches * batch_size})")
+        self.spec, self.train, self.batch_size, self.seed = measure, train, batch_size, seed
+        self.total_iterations = total_iterations
+        self.histogram_iterations = (log_spaced_iterations(total_iterations,
+                                                           measure.histogram_points)
+                                     if measure.histograms else [])
+        self._hist: dict[str, list[dict[str, Any]]] = {}
+        self._hist_done: list[int] = []
+
+    # -- schedule ---------------------------------------------------------------------------
+    def due(self, iteration: int) -> bool:
+        every, start = self.spec.every, self.spec.start
+        return every > 0 and iteration >= start and (iteration - start) % every == 0
+
+    def histogram_due(self, iteration: int) -> bool:
+        return iteration in self.histogram_iterations and iteration not in self._hist_done
+
+    # -- batches ----------------------------------------------------------------------------
+    def batches(self, iteration: int, stream: int, count: int) -> list[Batch]:
+        """``count`` batches of the probe's stream at ``iteration``: consecutive uniform
+        epochs without replacement, as training samples, continued when one runs out."""
+        generator = epoch_generator(self.seed, iteration, stream)
+        out: list[Batch] = []
+        while len(out) < count:
+            for idx in UniformSampler(len(self.train), self.batch_size, generator):
+                out.append(self.train.batch(idx))
+                if len(out) == count:
+                    break
+        return out
+
+    def estimate_batches(self, iteration: int) -> tuple[list[Batch], list[Batch]]:
+        """(mean set, fresh set) of ``measure.batches`` batches each."""
+        n = self.spec.batches
+        both = self.batches(iteration, ESTIMATE_STREAM, 2 * n)
+        return both[:n], both[n:]
+
+    # -- measurement ------------------------------------------------------------------------
+    def measure(self, opt: Optimizer, iteration: int) -> dict[str, float]:
+        """The ``var/*`` metrics at the current weights (see the module docstring)."""
+        mean_set, fresh_set = self.estimate_batches(iteration)
+        plain = type(opt).direction is Optimizer.direction
+        model, loss_fn, params = opt.model, opt.loss_fn, opt.params
+        with _isolated():
+            acc = _acc_dtype(params[0])
+            sgd_mean = _mean_of(_flat(gradient(model, loss_fn, b, params)[0], acc)
+                                for b in mean_set)
+            sgd = _Moments(sgd_mean)
+            if plain:
+                dir_ = sgd
+            else:
+                dir_ = _Moments(_mean_of(_flat(opt.direction(b).tensors, acc)
+                                         for b in mean_set))
+            ex_sum = torch.zeros_like(sgd_mean)
+            ex_sq = torch.zeros((), dtype=acc, device=sgd_mean.device)
+            n_examples = 0
+            for b in fresh_set:
+                st = batch_stats(model, loss_fn, b, params, second_moment=False)
+                total = _flat(st.sum, acc)
+                ex_sum += total
+                ex_sq += st.norms_sq.to(acc).sum()
+                n_examples += st.n
+                sgd.add(total / st.n)
+                if not plain:
+                    dir_.add(_flat(opt.direction(b).tensors, acc))
+            out = {**dir_.summary("dir"), **sgd.summary("sgd"),
+                   "var/bias": (dir_.mean - sgd.mean).abs().mean(),
+                   **_noise_scale(ex_sum, ex_sq, n_examples)}
+            values = torch.stack([torch.as_tensor(v, dtype=acc, device=sgd_mean.device)
+                                  for v in out.values()]).tolist()   # one device sync
+        return dict(zip(out, values))
+
+    # -- histograms -------------------------------------------------------------------------
+    def record_histogram(self, opt: Optimizer, iteration: int) -> None:
+        """Histograms of |entries| of a plain mini-batch gradient, one per parameter."""
+        (batch,) = self.batches(iteration, HISTOGRAM_STREAM, 1)
+        names = _param_names(opt)
+        with _isolated():
+            grads, _ = gradient(opt.model, opt.loss_fn, batch, opt.params)
+            for name, g in zip(names, grads):
+                self._hist.setdefault(name, []).append({"iteration": iteration,
+                                                        **magnitude_histogram(g)})
+        self._hist_done.append(iteration)
+
+    def histograms(self) -> dict[str, Any]:
+        """The grad_hist.json structure (see notes/contract.md)."""
+        return {"iterations": list(self._hist_done),
+                "layers": {k: [dict(e) for e in v] for k, v in self._hist.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.histograms()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._hist_done = list(state["iterations"])
+        self._hist = {k: [dict(e) for e in v] for k, v in state["layers"].items()}
+
+
+# -- pieces ---------------------------------------------------------------------------------
+
+class _Moments:
+    """Σ_i g_i² and Σ_i (g_i − Ege)² over the fresh set, as flat tensors (no per-coordinate
+    loop: one vector op per batch)."""
+
+    def __init__(self, mean: torch.Tensor):
+        self.mean = mean
+        self.sq = torch.zeros_like(mean)
+        self.dev = torch.zeros_like(mean)
+        self.count = 0
+
+    def add(self, g: torch.Tensor) -> None:
+        self.sq.addcmul_(g, g)
+        d = g - self.mean
+        self.dev.addcmul_(d, d)
+        self.count += 1
+
+    def summary(self, prefix: str) -> dict[str, torch.Tensor]:
+        nw, n = self.mean.numel(), self.count
+        return {f"var/{prefix}_var": self.dev.sum() / n / nw,
+                f"var/{prefix}_nvar": (self.dev / (self.sq + NVAR_EPS)).mean(),
+                f"var/{prefix}_logsnr": ((self.sq + SNR_EPS).log()
+                                         - (self.dev + SNR_EPS).log()).mean(),
+                f"var/{prefix}_gnorm": self.sq.sum() / n / nw}
+
+
+def _noise_scale(ex_sum: torch.Tensor, ex_sq: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """B_simple from Σ_n g_n (flat) and Σ_n ||g_n||² over n examples (module docstring)."""
+    mean_sq = ex_sum.square().sum() / (n * n)                  # |Ḡ|²
+    trace = ((ex_sq / n - mean_sq) * n / (n - 1)).clamp(min=0)
+    grad_sq = torch.maximum(mean_sq - trace / n, trace / n)
+    noise = torch.where(trace > 0, trace / grad_sq, torch.zeros_like(trace))
+    return {"var/noise_scale": noise, "var/trace_sigma": trace, "var/grad_sq_norm": grad_sq}
+
+
+def magnitude_histogram(g: torch.Tensor) -> dict[str, Any]:
+    """Counts of log10|g| on fixed edges; exact zeros, values below the first edge and at or
+    above the last edge are counted apart (``zeros``, ``underflow``, ``overflow``)."""
+    a = g.detach().abs().reshape(-1).double()
+    edges = histogram_edges()
+    nonzero = a[a > 0].log10()
+    inside = nonzero[(nonzero >= LOG10_LOW) & (nonzero < LOG10_HIGH)]
+    bins = len(edges) - 1
+    idx = ((inside - LOG10_LOW) * BINS_PER_DECADE).floor().long().clamp_(0, bins - 1)
+    counts = torch.bincount(idx, minlength=bins)
+    under = int((nonzero < LOG10_LOW).sum())
+    return {"edges": edges, "counts": counts.tolist(), "zeros": int(a.numel() - nonzero.numel()),
+            "underflow": under, "overflow": int(nonzero.numel() - inside.numel() - under)}
+
+
+def histogram_edges() -> list[float]:
+    bins = (LOG10_HIGH - LOG10_LOW) * BINS_PER_DECADE
+    return [LOG10_LOW + i / BINS_PER_DECADE for i in range(bins + 1)]
+
+
+def log_spaced_iterations(total: int, points: int) -> list[int]:
+    """Up to ``points`` iterations in [0, total), log-spaced, starting at 0 and ending at
+    total − 1; rounding can merge neighbours when ``total`` is small."""
+    if points == 1 or total == 1:
+        return [0]
+    its = {round(math.exp(k / (points - 1) * math.log(total))) - 1 for k in range(points)}
+    return sorted(its)
+
+
+def _param_names(opt: Optimizer) -> list[str]:
+    by_id = {id(p): name for name, p in opt.model.named_parameters()}
+    return [by_id.get(id(p), f"param{i}") for i, p in enumerate(opt.params)]
+
+
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    """Accumulate in float64 (cheap: vectors of nw), except where the device has none."""
+    return torch.float32 if p.device.type == "mps" else torch.float64
+
+
+def _flat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).to(dtype)
+
+
+def _mean_of(vectors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Running mean (memory of one vector, not n)."""
+    total, count = None, 0
+    for v in vectors:
+        total = v if total is None else total.add_(v)
+        count += 1
+    return total / count
+
+
+@contextmanager
+def _isolated() -> Iterator[None]:
+    """Gradients on (the caller may be in no_grad), and the global RNG state restored after,
+    so a measurement never shifts training's random numbers (e.g. dropout masks)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

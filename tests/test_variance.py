@@ -1,0 +1,320 @@
+"""VarianceProbe: Faghri's get_Ege_var statistics and the noise scale against float64 naive
+references (loops over batches and examples), training left bit-identical by measuring, and
+the |gradient| histograms with their log-spaced schedule."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from study.data import DataSplit, UniformSampler, epoch_generator
+from study.optim import FAMILIES, Context, Optimizer, make_optimizer
+from study.spec import MeasureSpec
+from study.variance import VarianceProbe, histogram_edges, log_spaced_iterations
+
+SEED = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra intra-op threads only contend (the machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def loss_fn(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def make_data(n=48, d=6, classes=3, dtype=torch.float64, seed=0) -> DataSplit:
+    g = torch.Generator().manual_seed(seed)
+    return DataSplit(torch.randn(n, d, generator=g, dtype=dtype),
+                     torch.randint(0, classes, (n,), generator=g))
+
+
+def make_mlp(dtype=torch.float64, dropout=0.0, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 7), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(7, 3)).to(dtype)
+
+
+def train(opt: Optimizer, data: DataSplit, batch_size: int, epochs: int,
+          probe: VarianceProbe | None = None) -> list[float]:
+    """The trial loop's order: periodic work due at this iteration, then the probe (after the
+    work, so SVRG has its iteration-0 snapshot), then direction and step."""
+    periodic, it, losses = opt.periodic(), 0, []
+    for epoch in range(epochs):
+        ctx = Context(opt.model, loss_fn, data, batch_size, it, epoch,
+                      epoch_generator(SEED, epoch, -1))
+        for idx in opt.sampler(len(data), batch_size, epoch_generator(SEED, epoch)):
+            ctx.iteration = it
+            for work in periodic:
+                if work.due("iter", it):
+                    work.run(ctx)
+            if probe is not None:
+                if probe.due(it):
+                    probe.measure(opt, it)
+                if probe.histogram_due(it):
+                    probe.record_histogram(opt, it)
+            d = opt.direction(data.batch(idx))
+            opt.step(d)
+            losses.append(d.loss)
+            it += 1
+        for work in periodic:
+            if work.due("epoch", epoch + 1):
+                work.run(ctx)
+    return losses
+
+
+# -- naive float64 references -----------------------------------------------------------------
+
+def per_example_grads(model: nn.Module, params, batch) -> torch.Tensor:
+    """(B, nw): one backward per example."""
+    rows = []
+    for i in range(len(batch)):
+        loss = F.cross_entropy(model(batch.x[i:i + 1]), batch.y[i:i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows).double()
+
+
+def naive_var_stats(mean_vecs: list[torch.Tensor], fresh_vecs: list[torch.Tensor]) -> dict:
+    n, nw = len(fresh_vecs), fresh_vecs[0].numel()
+    ege = [sum(v[j] for v in mean_vecs) / len(mean_vecs) for j in range(nw)]
+    var = sum(sum((float(g[j]) - float(ege[j])) ** 2 for j in range(nw)) for g in fresh_vecs)
+    nvar = snr = gnorm = 0.0
+    for j in range(nw):
+        s = sum(float(g[j]) ** 2 for g in fresh_vecs)
+        dev = sum((float(g[j]) - float(ege[j])) ** 2 for g in fresh_vecs)
+        nvar += dev / (s + 1e-7)
+        snr += math.log(s + 1e-10) - math.log(dev + 1e-10)
+        gnorm += s
+    return {"var": var / n / nw, "nvar": nvar / nw, "logsnr": snr / nw, "gnorm": gnorm / n / nw,
+            "ege": torch.tensor([float(e) for e in ege], dtype=torch.float64)}
+
+
+def naive_noise_scale(per_example: torch.Tensor) -> dict:
+    """McCandlish's B_simple from the (N, nw) per-example gradients, by its definition."""
+    n = per_example.shape[0]
+    mean = per_example.mean(0)
+    trace = sum(float(((per_example[:, j] - mean[j]) ** 2).sum()) / (n - 1)
+                for j in range(per_example.shape[1]))
+    grad_sq = float((mean ** 2).sum()) - trace / n
+    grad_sq = max(grad_sq, trace / n)
+    return {"trace_sigma": trace, "grad_sq_norm": grad_sq, "noise_scale": trace / grad_sq}
+
+
+# -- (a), (b): statistics vs the naive references ---------------------------------------------
+
+def prepared(family: str, data: DataSplit, batch_size: int) -> Optimizer:
+    """An optimizer of ``family`` a few steps into training (momentum, snapshots, factors)."""
+    model = make_mlp()
+    opt = make_optimizer(family, model, loss_fn, 0.05)
+    train(opt, data, batch_size, epochs=1)
+    return opt
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_statistics_match_naive_float64_reference(family):
+    data, bs = make_data(), 4
+    opt = prepared(family, data, bs)
+    measure = MeasureSpec(every=1, batches=3)
+    probe = VarianceProbe(measure, data, bs, SEED, total_iterations=100)
+    got = probe.measure(opt, 7)
+
+    mean_set, fresh_set = probe.estimate_batches(7)
+    assert len(mean_set) == len(fresh_set) == 3
+    model, params = opt.model, opt.params
+    sgd_mean = [per_example_grads(model, params, b).mean(0) for b in mean_set]
+    fresh_pe = [per_example_grads(model, params, b) for b in fresh_set]
+    sgd = naive_var_stats(sgd_mean, [pe.mean(0) for pe in fresh_pe])
+
+    def flat_dir(b):
+        return torch.cat([t.reshape(-1) for t in opt.direction(b).tensors]).double()
+
+    dirs = naive_var_stats([flat_dir(b) for b in mean_set], [flat_dir(b) for b in fresh_set])
+    for key in ("var", "nvar", "logsnr", "gnorm"):
+        assert got[f"var/sgd_{key}"] == pytest.approx(sgd[key], rel=1e-9, abs=1e-14), key
+        assert got[f"var/dir_{key}"] == pytest.approx(dirs[key], rel=1e-9, abs=1e-14), key
+    bias = float((dirs["ege"] - sgd["ege"]).abs().mean())
+    assert got["var/bias"] == pytest.approx(bias, rel=1e-8, abs=1e-14)
+    if type(opt).direction is Optimizer.direction:     # the direction IS the gradient
+        assert got["var/bias"] == 0.0
+    else:
+        assert got["var/bias"] > 0
+
+    ns = naive_noise_scale(torch.cat(fresh_pe))
+    for key in ("trace_sigma", "grad_sq_norm", "noise_scale"):
+        assert got[f"var/{key}"] == pytest.approx(ns[key], rel=1e-9), key
+
+
+def test_noise_scale_matches_naive_formula_on_a_cnn_in_float32():
+    """B_simple through conv layers (batch_stats' unfold path), float32 on the model side."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 6, 4))
+    g = torch.Generator().manual_seed(2)
+    data = DataSplit(torch.randn(40, 1, 12, generator=g), torch.randint(0, 4, (40,), generator=g))
+    opt = make_optimizer("sgd", model, loss_fn, 0.1)
+    probe = VarianceProbe(MeasureSpec(every=1, batches=4), data, 5, SEED, 10)
+    got = probe.measure(opt, 2)
+    _, fresh = probe.estimate_batches(2)
+    ns = naive_noise_scale(torch.cat([per_example_grads(model, opt.params, b) for b in fresh]))
+    for key in ("trace_sigma", "grad_sq_norm", "noise_scale"):
+        assert got[f"var/{key}"] == pytest.approx(ns[key], rel=1e-4), key
+
+
+def test_noise_scale_saturates_at_the_number_of_examples_when_noise_swamps_the_mean():
+    """Random labels at initialization: the unbiased |G|² can fall below tr(Σ)/N; the
+    clamp caps B_simple at N = batches × batch_size."""
+    data = make_data(n=400, seed=5)
+    opt = make_optimizer("sgd", make_mlp(seed=5), loss_fn, 0.1)
+    probe = VarianceProbe(MeasureSpec(every=1, batches=2), data, 100, SEED, 10)
+    values = [probe.measure(opt, it) for it in range(6)]
+    for v in values:
+        assert 0 < v["var/noise_scale"] <= 200 * (1 + 1e-12)
+        assert v["var/noise_scale"] == pytest.approx(v["var/trace_sigma"] / v["var/grad_sq_norm"])
+
+
+# -- (c): measuring leaves training untouched -------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted({"sgd", "adam"} | set(FAMILIES)))
+def test_measuring_leaves_training_bit_identical(family):
+    assert family in FAMILIES, f"family {family!r} must be registered"
+    data, bs = make_data(n=40, dtype=torch.float32, seed=1), 4
+    results = []
+    for with_probe in (False, True):
+        model = make_mlp(torch.float32, dropout=0.2, seed=4)   # dropout: uses the global RNG
+        opt = make_optimizer(family, model, loss_fn, 0.05)
+        torch.manual_seed(11)
+        probe = VarianceProbe(MeasureSpec(every=3, batches=2, histogram_points=4), data, bs,
+                              SEED, total_iterations=20) if with_probe else None
+        losses = train(opt, data, bs, epochs=2, probe=probe)
+        if probe is not None:
+            assert len(probe.histograms()["iterations"]) == 4
+        results.append(([p.detach().clone() for p in model.parameters()], losses,
+                         torch.get_rng_state()))
+    (w0, l0, r0), (w1, l1, r1) = results
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    assert l0 == l1
+    assert torch.equal(r0, r1)
+
+
+def test_measure_leaves_no_autograd_state():
+    data = make_data()
+    model = make_mlp()
+    opt = make_optimizer("sgd", model, loss_fn, 0.1)
+    probe = VarianceProbe(MeasureSpec(every=1, batches=2), data, 4, SEED, 10)
+    with torch.no_grad():                     # the caller's grad mode must not matter
+        out = probe.measure(opt, 0)
+        probe.record_histogram(opt, 0)
+    assert torch.is_grad_enabled()
+    assert all(math.isfinite(v) for v in out.values())
+    assert all(p.grad is None for p in model.parameters())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+    assert model.training
+
+
+def test_probe_batches_are_not_trainings_batches():
+    data, bs = make_data(), 4
+    probe = VarianceProbe(MeasureSpec(every=1, batches=2), data, bs, SEED, 10)
+    training = [idx for idx in UniformSampler(len(data), bs, epoch_generator(SEED, 0))][:4]
+    mean_set, fresh_set = probe.estimate_batches(0)
+    probe_idx = [b.idx for b in mean_set + fresh_set]
+    assert not all(torch.equal(a, b) for a, b in zip(training, probe_idx))
+    # the fresh set continues the same permutation: disjoint from the mean set here
+    used = torch.cat(probe_idx)
+    assert used.unique().numel() == used.numel()
+
+
+def test_more_batches_than_one_epoch_holds():
+    data = make_data(n=20)
+    probe = VarianceProbe(MeasureSpec(every=1, batches=3), data, 8, SEED, 10)  # 2 per epoch
+    mean_set, fresh_set = probe.estimate_batches(1)
+    assert [len(b) for b in mean_set + fresh_set] == [8] * 6
+
+
+def test_schedule_and_bad_input():
+    data = make_data()
+    probe = VarianceProbe(MeasureSpec(every=5, start=10, batches=1), data, 4, SEED, 100)
+    assert [i for i in range(40) if probe.due(i)] == [10, 15, 20, 25, 30, 35]
+    off = VarianceProbe(MeasureSpec(every=0, histograms=False), data, 4, SEED, 100)
+    assert not any(off.due(i) or off.histogram_due(i) for i in range(200))
+    with pytest.raises(ValueError, match="batch_size"):
+        VarianceProbe(MeasureSpec(), data, len(data) + 1, SEED, 100)
+    with pytest.raises(ValueError, match="total_iterations"):
+        VarianceProbe(MeasureSpec(), data, 4, SEED, 0)
+
+
+# -- (d): histograms --------------------------------------------------------------------------
+
+def test_log_spaced_histogram_schedule():
+    its = log_spaced_iterations(896, 8)
+    assert len(its) == 8 and its[0] == 0 and its[-1] == 895
+    assert all(a < b for a, b in zip(its, its[1:]))
+    for k, it in enumerate(its):                      # geometric in (iteration + 1)
+        assert abs(it + 1 - 896 ** (k / 7)) <= 0.5
+    small = log_spaced_iterations(5, 8)
+    assert small[0] == 0 and small[-1] == 4 and len(small) == len(set(small)) <= 5
+    assert log_spaced_iterations(100, 1) == [0]
+
+
+def naive_histogram(values: list[float]) -> tuple[list[int], int, int, int]:
+    edges = histogram_edges()
+    counts, zeros, under, over = [0] * (len(edges) - 1), 0, 0, 0
+    for v in values:
+        a = abs(v)
+        if a == 0:
+            zeros += 1
+            continue
+        e = math.log10(a)
+        if e < edges[0]:
+            under += 1
+        elif e >= edges[-1]:
+            over += 1
+        else:
+            counts[next(k for k in range(len(counts)) if edges[k] <= e < edges[k + 1])] += 1
+    return counts, zeros, under, over
+
+
+def test_histograms_structure_counts_and_resume():
+    data = make_data()
+    model = make_mlp()
+    opt = make_optimizer("sgd", model, loss_fn, 0.1)
+    with torch.no_grad():
+        model[2].weight[:, 0].zero_()         # a dead unit: exact zeros in its gradient
+    total = 50
+    probe = VarianceProbe(MeasureSpec(every=0, histogram_points=5), data, 4, SEED, total)
+    due = [i for i in range(total) if probe.histogram_due(i)]
+    assert due == log_spaced_iterations(total, 5)
+    probe.record_histogram(opt, due[0])
+    probe.record_histogram(opt, due[1])
+    hist = json.loads(json.dumps(probe.histograms()))    # JSON-serializable as is
+    assert hist["iterations"] == due[:2]
+    names = [n for n, _ in model.named_parameters()]
+    assert list(hist["layers"]) == names
+    (batch,) = probe.batches(due[1], 2, 1)
+    grads = torch.autograd.grad(loss_fn(model(batch.x), batch.y).mean(), list(model.parameters()))
+    for name, g in zip(names, grads):
+        entries = hist["layers"][name]
+        assert [e["iteration"] for e in entries] == due[:2]
+        e = entries[1]
+        assert len(e["edges"]) == len(e["counts"]) + 1
+        assert e["edges"][0] == -12 and e["edges"][-1] == 2
+        assert (e["counts"], e["zeros"], e["underflow"], e["overflow"]) == \
+            naive_histogram(g.reshape(-1).tolist())
+    assert hist["layers"]["0.weight"][0]["zeros"] >= 6      # the zeroed row
+
+    resumed = VarianceProbe(MeasureSpec(every=0, histogram_points=5), data, 4, SEED, total)
+    resumed.load_state_dict(json.loads(json.dumps(probe.state_dict())))
+    assert resumed.histograms() == hist
+    assert not resumed.histogram_due(due[0]) and not resumed.histogram_due(due[1])
+    assert resumed.histogram_due(due[2])
