@@ -309,6 +309,6 @@ def _format(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("list[", "function-")))
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) and value else f" (got {value!r})"
         lines.append(f"  {loc or '<root>'}: {msg}{shown}")
     return "\n".join(dict.fromkeys(lines))
