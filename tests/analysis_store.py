@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def _trial_metrics(model, family, lr, batch_size, seed, diverge):
     """Metric list (key, value, step) of one trial, per epoch + variance measurements."""
     from mlflow.entities import Metric
 
-    rng = np.random.default_rng(hash((model, family, lr, batch_size, seed)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{model}/{family}/{lr}/{batch_size}/{seed}".encode()))
     steps_per_epoch = TRAIN_SIZE // batch_size
     ceiling = _ceiling(model, family, lr, batch_size)
     work = {"svrg": 2.0}.get(family, 1.0)  # svrg's snapshot passes cost extra gradients
