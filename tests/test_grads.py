@@ -9,6 +9,8 @@ from torch import nn
 from study.data import Batch
 from study.grads import BatchStats, batch_stats
 from study.grads.conv import conv_plan, conv_stats
+from study.grads.fallback import fallback_stats
+from study.grads.norm import groupnorm_stats
 from study.models import CNN1d, LeNet, MLP, ResNet8
 
 TOL = 1e-6
@@ -124,7 +126,7 @@ def test_conv_padding_same_uses_fallback():
     check(model, torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,)))
 
 
-def test_groupnorm_and_layernorm_fallback():
+def test_groupnorm_closed_form_and_layernorm_fallback():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(8),
                           nn.Linear(8, 3))
@@ -133,6 +135,21 @@ def test_groupnorm_and_layernorm_fallback():
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.5, 0.5)
     check(model, torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,)))
+
+
+def test_groupnorm_through_generic_fallback_agrees():
+    gn = nn.GroupNorm(2, 6).double()
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+    a = torch.randn(4, 6, 3, 5, dtype=torch.float64)
+    g = torch.randn(4, 6, 3, 5, dtype=torch.float64)
+    wanted = [gn.weight, gn.bias]
+    closed = groupnorm_stats(gn, a, g, wanted, True)
+    generic = fallback_stats(gn, a, g, wanted, True)
+    assert rel(closed.norms_sq, generic.norms_sq) < TOL
+    for p in wanted:
+        assert rel(closed.sums[p], generic.sums[p]) < TOL
+        assert rel(closed.sum_sqs[p], generic.sum_sqs[p]) < TOL
 
 
 @pytest.mark.parametrize("make, shape", [

@@ -9,7 +9,8 @@ weight-gradient sum therefore costs what the plain backward would have spent on 
 the statistics add only their own products (Linear: one more matmul of the weight's size).
 
 Handlers, one module per layer type (BackPACK style): ``linear`` (factorized), ``conv``
-(unfold + batched matmul), ``fallback`` (torch.func on that module alone, e.g. GroupNorm).
+(unfold + batched matmul), ``norm`` (GroupNorm, closed form), ``fallback`` (torch.func on
+that module alone: LayerNorm, embeddings, custom layers).
 Examples must be independent through the network (no train-mode BatchNorm), and each
 parameterized module must run once per forward (no weight sharing across calls).
 """
@@ -27,6 +28,7 @@ from study.grads.conv import conv_stats, conv_supported
 from study.grads.fallback import fallback_stats
 from study.grads.layer import LayerStats
 from study.grads.linear import linear_stats
+from study.grads.norm import groupnorm_stats
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -107,6 +109,8 @@ def _handler(module: nn.Module) -> Callable[..., LayerStats]:
         return linear_stats
     if conv_supported(module):
         return conv_stats
+    if isinstance(module, nn.GroupNorm):
+        return groupnorm_stats
     return fallback_stats
 
 
