@@ -1,0 +1,67 @@
+"""Signal-to-noise gradients (kaifishr/SignalNoiseGradients, NOTES-science §2).
+
+From the per-example gradients of the mini-batch (population statistics, ddof=0), each
+parameter entry has a mean μ and a standard deviation σ; the step direction damps entries
+whose mean is small relative to their spread:
+
+- I:   μ·min(1/(α·σ + ε), 1)        (α = 1.0; the variant sngrad actually uses)
+- II:  μ·min(μ²/(α·σ² + ε), 1)      (α = 0.05)
+- III: μ·(1 − min(α·σ, 1))          (α = 1.0)
+
+μ and σ come from ``study.grads.batch_stats`` (one forward + one backward), so a step costs
+B gradient evaluations like SGD.
+"""
+from __future__ import annotations
+
+import torch
+
+from study.grads import batch_stats
+from study.optim.base import Direction, Optimizer
+from study.optim.registry import register
+
+DEFAULT_ALPHA = {"I": 1.0, "II": 0.05, "III": 1.0}
+
+
+def snr_scaled(variant: str, mean: torch.Tensor, var: torch.Tensor, alpha: float,
+               eps: float) -> torch.Tensor:
+    """The noise-scaled mean of one parameter (formulas in the module docstring)."""
+    if variant == "I":
+        return mean * torch.clamp(1.0 / (alpha * var.sqrt() + eps), max=1.0)
+    if variant == "II":
+        return mean * torch.clamp(mean * mean / (alpha * var + eps), max=1.0)
+    if variant == "III":
+        return mean * (1.0 - torch.clamp(alpha * var.sqrt(), max=1.0))
+    raise ValueError(f"snr: unknown variant {variant!r}")
+
+
+@register
+class SNR(Optimizer):
+    family = "snr"
+    variants = ("I", "II", "III")
+    options = {"alpha": None, "eps": 1e-5, "momentum": 0.0, "weight_decay": 0.0}
+
+    def __init__(self, model, loss_fn, lr, variant=None, **options):
+        super().__init__(model, loss_fn, lr, variant, **options)
+        alpha = self.opts["alpha"]
+        self.alpha = DEFAULT_ALPHA[self.variant] if alpha is None else _number("alpha", alpha)
+        self.eps = _number("eps", self.opts["eps"], allow_zero=True)
+        if self.alpha <= 0:
+            raise ValueError(f"snr.options.alpha: must be > 0, got {self.alpha}")
+
+    def direction(self, batch) -> Direction:
+        stats = batch_stats(self.model, self.loss_fn, batch, self.params, norms=False)
+        tensors = [snr_scaled(self.variant, m, v, self.alpha, self.eps)
+                   for m, v in zip(stats.mean(), stats.var())]
+        return Direction(tensors, stats.loss, grad_evals=stats.n)
+
+
+def _number(name: str, value, allow_zero: bool = False) -> float:
+    """YAML gives numbers as int/float (or strings like '1e-5'); reject anything else."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"snr.options.{name}: {value!r} is not a number") from None
+    if number < 0 or (number == 0 and not allow_zero):
+        raise ValueError(f"snr.options.{name}: must be {'>=' if allow_zero else '>'} 0, "
+                         f"got {number}")
+    return number

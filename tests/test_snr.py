@@ -1,0 +1,82 @@
+"""SNR-gradient directions against a float64 loop over examples."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from study.data import Batch
+from study.models import CNN1d, MLP
+from study.optim import make_optimizer
+
+
+def ce(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def per_example(model, x, y):
+    params = [p for p in model.parameters()]
+    rows = [torch.autograd.grad(ce(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
+            for i in range(len(y))]
+    return [torch.stack(col) for col in zip(*rows)]
+
+
+def reference(variant, g, alpha, eps):
+    mu, sigma = g.mean(0), g.std(0, unbiased=False)
+    if variant == "I":
+        return mu * torch.minimum(1 / (alpha * sigma + eps), torch.ones_like(mu))
+    if variant == "II":
+        return mu * torch.minimum(mu ** 2 / (alpha * sigma ** 2 + eps), torch.ones_like(mu))
+    return mu * (1 - torch.minimum(alpha * sigma, torch.ones_like(mu)))
+
+
+@pytest.mark.parametrize("variant, alpha, default", [("I", None, 1.0), ("II", None, 0.05),
+                                                     ("III", None, 1.0), ("I", 3.0, 3.0),
+                                                     ("III", 20.0, 20.0)])
+@pytest.mark.parametrize("make, shape", [(lambda: MLP(8, [6], 3), (10, 8)),
+                                         (lambda: CNN1d(1, 16, [3, 3, 3], 3), (10, 1, 16))])
+def test_direction_matches_loop(variant, alpha, default, make, shape):
+    torch.manual_seed(1)
+    model = make().double()
+    x, y = torch.randn(*shape, dtype=torch.float64) * 3, torch.randint(0, 3, (shape[0],))
+    opt = make_optimizer("snr", model, ce, lr=0.1, variant=variant, alpha=alpha)
+    assert opt.alpha == default
+    d = opt.direction(Batch(x, y, torch.arange(len(y))))
+    assert d.grad_evals == len(y)
+    expected = [reference(variant, g, default, 1e-5) for g in per_example(model, x, y)]
+    scaled = 0
+    for got, want in zip(d.tensors, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        scaled += int((got != 0).sum())
+    assert scaled > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_directions_differ_from_plain_mean():
+    """The scaling must bite: with noisy examples some entries are damped."""
+    torch.manual_seed(2)
+    model = MLP(8, [6], 3).double()
+    x, y = torch.randn(10, 8, dtype=torch.float64) * 3, torch.randint(0, 3, (10,))
+    opt = make_optimizer("snr", model, ce, lr=0.1, variant="I", alpha=5.0)
+    d = opt.direction(Batch(x, y, torch.arange(10)))
+    mean = [g.mean(0) for g in per_example(model, x, y)]
+    assert any(not torch.allclose(a, b) for a, b in zip(d.tensors, mean))
+
+
+def test_step_applies_lr_times_direction():
+    torch.manual_seed(3)
+    model = MLP(8, [6], 3).double()
+    x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    opt = make_optimizer("snr", model, ce, lr=0.5, variant="II")
+    before = [p.detach().clone() for p in model.parameters()]
+    d = opt.direction(Batch(x, y, torch.arange(10)))
+    opt.step(d)
+    for p, b, t in zip(model.parameters(), before, d.tensors):
+        torch.testing.assert_close(p.detach(), b - 0.5 * t)
+
+
+@pytest.mark.parametrize("bad, field", [({"alpha": 0.0}, "alpha"), ({"alpha": -1}, "alpha"),
+                                        ({"alpha": "x"}, "alpha"), ({"eps": -1.0}, "eps")])
+def test_bad_options_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=f"snr.options.{field}"):
+        make_optimizer("snr", MLP(4, [3], 2), ce, lr=0.1, variant="I", **bad)
