@@ -1,0 +1,167 @@
+"""K-FAC (Martens & Grosse 2015) as Faghri et al. ran it: alecwangcq's KFAC-Pytorch on the
+family interface.
+
+- *frequent* work (every ``t_cov`` iterations, one mini-batch backward): the Kronecker
+  factors A and G of every Linear/Conv1d/Conv2d layer from the **true** Fisher (labels
+  sampled from the model's softmax with the trial's generator), as running averages that
+  start from the identity, as in the reference;
+- *snapshot* work (every ``t_inv`` iterations, no gradients): eigendecompositions of A and G;
+- ``direction``: the gradient preconditioned by ``(G⊗A + damping·I)^{-1}`` layer by layer
+  (weight and bias together as ``[W|b]``), other parameters (e.g. GroupNorm) unchanged, then
+  the KL clip ``ν = min(1, sqrt(kl_clip / Σ V·∇·lr²)))`` on the preconditioned layers (the
+  reference scales only those);
+- ``step``: momentum SGD; weight decay starts after ``20·t_cov`` steps, as in the reference.
+
+Before the first inverse exists (the trial runs iteration 0's frequent then snapshot work
+before the first step, so only outside a trial) ``direction`` is the plain gradient.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from study.grads.capture import SUPPORTED, capture, layers_with_params
+from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
+from study.optim.kfac_factors import (
+    Eigenbasis,
+    covariance_a,
+    covariance_g,
+    kfac_supported,
+    running_average,
+    sample_labels,
+)
+from study.optim.registry import register
+
+WEIGHT_DECAY_DELAY = 20
+"""Weight decay applies after this many ``t_cov`` periods (the reference's ``20·TCov``)."""
+
+
+@register
+class KFAC(Optimizer):
+    family = "kfac"
+    variants = ("kfac",)
+    options = {"momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3, "stat_decay": 0.95,
+               "kl_clip": 1e-2, "t_cov": 10, "t_inv": 100}
+
+    def __init__(self, model, loss_fn, lr, variant=None, **options):
+        super().__init__(model, loss_fn, lr, variant, **options)
+        self._validate()
+        self.damping = float(self.opts["damping"])
+        self.stat_decay = float(self.opts["stat_decay"])
+        self.kl_clip = float(self.opts["kl_clip"])
+        self.t_cov, self.t_inv = int(self.opts["t_cov"]), int(self.opts["t_inv"])
+        self.weight_decay = float(self.opts["weight_decay"])
+        self.layers = [m for m in layers_with_params(model)
+                       if isinstance(m, SUPPORTED) and kfac_supported(m)]
+        position = {id(p): i for i, p in enumerate(self.params)}
+        self.slots = [(position[id(m.weight)],
+                       position[id(m.bias)] if m.bias is not None else None)
+                      for m in self.layers]
+        n = len(self.layers)
+        self.a_factors: list[torch.Tensor | None] = [None] * n
+        self.g_factors: list[torch.Tensor | None] = [None] * n
+        self.bases: list[Eigenbasis | None] = [None] * n
+        self.steps = 0
+        self.factor_updates = 0
+        self.inverse_updates = 0
+
+    def _validate(self) -> None:
+        o = self.opts
+        checks = {"damping": o["damping"] > 0, "kl_clip": o["kl_clip"] > 0,
+                  "stat_decay": 0 <= o["stat_decay"] < 1, "momentum": o["momentum"] >= 0,
+                  "weight_decay": o["weight_decay"] >= 0,
+                  "t_cov": int(o["t_cov"]) == o["t_cov"] and o["t_cov"] >= 1,
+                  "t_inv": int(o["t_inv"]) == o["t_inv"] and o["t_inv"] >= 1}
+        wanted = {"damping": "> 0", "kl_clip": "> 0", "stat_decay": "in [0, 1)",
+                  "momentum": ">= 0", "weight_decay": ">= 0", "t_cov": "an integer >= 1",
+                  "t_inv": "an integer >= 1"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"kfac: option {name} must be {wanted[name]}, got {o[name]!r}")
+
+    # -- direction and step ----------------------------------------------------------------
+    def direction(self, batch) -> Direction:
+        grads, loss = gradient(self.model, self.loss_fn, batch, self.params)
+        if not self.layers or any(b is None for b in self.bases):
+            return Direction(grads, loss, len(batch), {"preconditioned": False})
+        with torch.no_grad():
+            tensors = list(grads)
+            scaled, inner = [], []
+            for basis, (iw, ib) in zip(self.bases, self.slots):
+                v_w, v_b = basis.precondition(grads[iw], grads[ib] if ib is not None else None)
+                tensors[iw] = v_w
+                scaled.append(v_w)
+                inner.append(torch.vdot(v_w.reshape(-1), grads[iw].reshape(-1)))
+                if ib is not None:
+                    tensors[ib] = v_b
+                    scaled.append(v_b)
+                    inner.append(torch.vdot(v_b, grads[ib]))
+            vg = (torch.stack(inner).sum() * self.lr ** 2).clamp_min(0)
+            nu = (self.kl_clip / vg).sqrt().clamp(max=1.0)   # vg = 0 -> inf -> 1
+            torch._foreach_mul_(scaled, nu)
+        return Direction(tensors, loss, len(batch), {"preconditioned": True, "nu": nu})
+
+    def step(self, direction: Direction) -> None:
+        delayed = self.steps < WEIGHT_DECAY_DELAY * self.t_cov
+        self.rule.weight_decay = 0.0 if delayed else self.weight_decay
+        super().step(direction)
+        self.steps += 1
+
+    # -- scheduled work --------------------------------------------------------------------
+    def periodic(self) -> list[Periodic]:
+        return [Periodic("frequent", self.t_cov, "iter", self.update_factors),
+                Periodic("snapshot", self.t_inv, "iter", self.update_inverses)]
+
+    def update_factors(self, ctx: Context) -> int:
+        """One backward of the sampled-label loss on a fresh mini-batch; cost B."""
+        gen = ctx.generator
+        n = len(ctx.train)
+        idx = torch.randperm(n, generator=gen, device=gen.device)[:min(ctx.batch_size, n)]
+        batch = ctx.train.batch(idx)
+        with capture(self.model, self.layers) as records:
+            logits = self.model(batch.x)
+            labels = sample_labels(logits, gen)
+            torch.autograd.grad(F.cross_entropy(logits, labels), self.params)
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                rec = records.records[layer]
+                self.a_factors[i] = running_average(
+                    self.a_factors[i], covariance_a(layer, rec.a), self.stat_decay)
+                self.g_factors[i] = running_average(
+                    self.g_factors[i], covariance_g(rec.g, len(batch)), self.stat_decay)
+        self.factor_updates += 1
+        return len(batch)
+
+    def update_inverses(self, ctx: Context | None = None) -> int:
+        """Eigendecompose every factor (no gradients: cost 0). Skipped before any factors."""
+        if any(a is None for a in self.a_factors):
+            return 0
+        with torch.no_grad():
+            self.bases = [Eigenbasis.of(a, g, self.damping, layer.bias is not None)
+                          for a, g, layer in zip(self.a_factors, self.g_factors, self.layers)]
+        self.inverse_updates += 1
+        return 0
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        def copies(xs):
+            return [None if x is None else x.clone() for x in xs]
+        return {**super().state_dict(), "steps": self.steps,
+                "factor_updates": self.factor_updates, "inverse_updates": self.inverse_updates,
+                "a_factors": copies(self.a_factors), "g_factors": copies(self.g_factors),
+                "bases": [None if b is None else b.state() for b in self.bases]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["a_factors"]) != len(self.layers):
+            raise ValueError(f"kfac: checkpoint has {len(state['a_factors'])} K-FAC layers, "
+                             f"this model has {len(self.layers)}")
+        super().load_state_dict(state)
+        self.steps = state["steps"]
+        self.factor_updates = state["factor_updates"]
+        self.inverse_updates = state["inverse_updates"]
+        self.a_factors = [None if x is None else x.clone() for x in state["a_factors"]]
+        self.g_factors = [None if x is None else x.clone() for x in state["g_factors"]]
+        self.bases = [None if b is None else Eigenbasis.from_state(b, layer.bias is not None)
+                      for b, layer in zip(state["bases"], self.layers)]
