@@ -1,0 +1,185 @@
+"""Result tables on a synthetic study whose answers are known by construction."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import tables
+from analysis.load import load_tune
+from analysis.writer import Table, to_latex, to_markdown, write_table
+
+NAN = float("nan")
+
+
+def _trial(run_id, family, lr, seed, val, test, loss, status="finished", batch_size=32):
+    return {"run_id": run_id, "dataset": "d", "model": "m", "family": family,
+            "variant": "default", "arm": f"m/{family}/default", "batch_size": batch_size,
+            "lr": lr, "seed": seed, "val_accuracy": val, "test_accuracy": test,
+            "train_loss": loss, "grad_evals": 960.0, "time_s": 3.0, "status": status}
+
+
+def synthetic_trials() -> pd.DataFrame:
+    """sgd: lr 0.1 best by val (mean 0.82); lr 0.01 best by train loss; lr 1.0 has one
+    diverged seed whose twin scored 0.95 (must not win). adam: lr 1e-3 best (0.86), 1e-2
+    within 1 point (0.852), 1e-4 far; one errored trial at 1e-1 (left out of the grid)."""
+    rows = [
+        _trial("s1", "sgd", 0.01, 0, 0.70, 0.69, 0.10), _trial("s2", "sgd", 0.01, 1, 0.72, 0.71, 0.12),
+        _trial("s3", "sgd", 0.1, 0, 0.80, 0.78, 0.30), _trial("s4", "sgd", 0.1, 1, 0.84, 0.82, 0.32),
+        _trial("s5", "sgd", 1.0, 0, NAN, 0.10, NAN, "diverged"),
+        _trial("s6", "sgd", 1.0, 1, 0.95, 0.90, 0.50),
+        _trial("a1", "adam", 1e-4, 0, 0.60, 0.60, 0.9), _trial("a2", "adam", 1e-4, 1, 0.62, 0.61, 0.9),
+        _trial("a3", "adam", 1e-3, 0, 0.85, 0.84, 0.2), _trial("a4", "adam", 1e-3, 1, 0.87, 0.88, 0.2),
+        _trial("a5", "adam", 1e-2, 0, 0.849, 0.84, 0.3), _trial("a6", "adam", 1e-2, 1, 0.855, 0.85, 0.3),
+        _trial("a7", "adam", 1e-1, 0, NAN, NAN, NAN, "errored"),
+    ]
+    return pd.DataFrame(rows)
+
+
+def synthetic_metrics() -> pd.DataFrame:
+    """Histories for the two tuned settings: sgd lr 0.1 (both seeds reach 0.65 at step 20)
+    and adam lr 1e-3 (seed 0 reaches 0.65 at step 10, seed 1 never); noise scale for sgd."""
+    curves = {"s3": [0.5, 0.7, 0.8], "s4": [0.6, 0.66, 0.82], "a3": [0.7, 0.8, 0.85],
+              "a4": [0.5, 0.55, 0.6]}
+    rows = []
+    for run_id, accs in curves.items():
+        for i, acc in enumerate(accs):
+            step = 10 * (i + 1)
+            rows += [(run_id, "test_accuracy", step, acc), (run_id, "grad_evals", step, 320.0 * (i + 1)),
+                     (run_id, "time_s", step, float(i + 1))]
+    for run_id, values in {"s3": [10, 20, 30], "s4": [40, 50, 60]}.items():
+        rows += [(run_id, "var/noise_scale", 5 * (k + 1), float(v)) for k, v in enumerate(values)]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def _row(frame, **match):
+    for key, value in match.items():
+        frame = frame[frame[key] == value]
+    assert len(frame) == 1, f"expected one row for {match}, got {len(frame)}"
+    return frame.iloc[0]
+
+
+def test_best_lr_by_val_accuracy_skips_a_setting_with_a_diverged_seed():
+    table = tables.best_lr_table(synthetic_trials(), "val_accuracy")
+    sgd = _row(table.frame, family="sgd")
+    assert sgd["best_lr"] == 0.1
+    assert sgd["val_accuracy"] == pytest.approx(0.82)
+    assert sgd["test_accuracy"] == pytest.approx(0.80)
+    assert (sgd["n_seeds"], sgd["n_lr"], sgd["n_diverged"]) == (2, 3, 1)
+    adam = _row(table.frame, family="adam")
+    assert adam["best_lr"] == 1e-3 and adam["n_lr"] == 3  # the errored LR is not in the grid
+
+
+def test_best_lr_by_train_loss_takes_the_minimum_like_sngrad():
+    table = tables.best_lr_table(synthetic_trials(), "train_loss")
+    assert _row(table.frame, family="sgd")["best_lr"] == 0.01
+    assert _row(table.frame, family="sgd")["train_loss"] == pytest.approx(0.11)
+    assert "min final train_loss" in table.title
+
+
+def test_best_lr_is_missing_when_every_lr_diverged():
+    trials = synthetic_trials()
+    trials.loc[trials["family"] == "sgd", "status"] = "diverged"
+    sgd = _row(tables.best_lr_table(trials).frame, family="sgd")
+    assert math.isnan(sgd["best_lr"]) and sgd["n_diverged"] == 6
+
+
+def test_selection_falls_back_to_test_accuracy_without_a_val_split_and_rejects_bad_names():
+    trials = synthetic_trials().drop(columns=["val_accuracy"])
+    assert tables.resolve_select(trials, "val_accuracy") == "test_accuracy"
+    assert _row(tables.best_lr_table(trials).frame, family="adam")["best_lr"] == 1e-3
+    with pytest.raises(ValueError, match="select='accuracy'"):
+        tables.resolve_select(trials, "accuracy")
+
+
+def test_final_accuracy_mean_and_sample_std_over_seeds():
+    long = tables.final_accuracy_long(synthetic_trials(), "val_accuracy")
+    sgd = _row(long, family="sgd")
+    assert sgd["mean"] == pytest.approx(0.80)
+    assert sgd["std"] == pytest.approx(np.std([0.78, 0.82], ddof=1))
+    wide = tables.final_accuracy_table(synthetic_trials()).frame
+    assert list(wide.columns) == ["dataset", "model", "adam", "sgd"]
+    assert wide.loc[0, "sgd"] == "80.00 ± 2.83"
+    assert wide.loc[0, "adam"] == "86.00 ± 2.83"
+
+
+def test_tuneability_share_of_grid_within_tolerance():
+    frame = tables.tuneability_table(synthetic_trials(), tolerance=0.01).frame
+    adam, sgd = _row(frame, family="adam"), _row(frame, family="sgd")
+    assert (adam["n_lr"], adam["n_within"]) == (3, 2)
+    assert adam["share_within"] == pytest.approx(2 / 3)
+    assert (sgd["n_lr"], sgd["n_within"]) == (3, 1)  # the diverged LR counts as outside
+    wide = tables.tuneability_table(synthetic_trials(), tolerance=0.3).frame
+    assert _row(wide, family="adam")["n_within"] == 3
+
+
+def test_cost_to_target_first_step_median_over_seeds_and_not_reached():
+    frame = tables.cost_to_target_frame(synthetic_trials(), synthetic_metrics(), target=0.65)
+    sgd, adam = _row(frame, family="sgd"), _row(frame, family="adam")
+    assert sgd["grad_evals_to_target"] == 640.0 and sgd["time_s_to_target"] == 2.0
+    assert sgd["reached"] == "2/2"
+    assert adam["reached"] == "1/2" and math.isinf(adam["grad_evals_to_target"])
+    assert adam["fastest_grad_evals_in_grid"] == 320.0
+    md = to_markdown(tables.cost_to_target_table(
+        synthetic_trials(), synthetic_metrics(), target=0.65).frame)
+    assert "not reached" in md
+
+
+def test_cost_to_target_default_is_a_fraction_of_the_best_accuracy_reached():
+    frame = tables.cost_to_target_frame(synthetic_trials(), synthetic_metrics(),
+                                        target_fraction=0.8)
+    assert frame["target"].iloc[0] == pytest.approx(0.8 * 0.85)  # best logged: 0.85 (a3)
+    assert _row(frame, family="sgd")["grad_evals_to_target"] == np.median([640.0, 960.0])
+
+
+def test_status_counts_per_family():
+    frame = tables.status_counts_table(synthetic_trials()).frame.set_index("family")
+    assert frame.loc["sgd", ["finished", "diverged", "errored", "total"]].tolist() == [5, 1, 0, 6]
+    assert frame.loc["adam", ["finished", "diverged", "errored", "total"]].tolist() == [6, 0, 1, 7]
+
+
+def test_critical_batch_size_median_noise_scale_and_missing_metrics():
+    table = tables.critical_batch_table(synthetic_trials(), synthetic_metrics())
+    sgd = _row(table.frame, family="sgd")
+    assert sgd["b_simple_median_tuned"] == 35.0 and sgd["best_batch_size"] == 32
+    empty = tables.critical_batch_table(synthetic_trials(), synthetic_metrics().iloc[:0])
+    assert list(empty.frame.columns) == ["note"] and "var/noise_scale" in empty.note
+
+
+def test_writer_writes_csv_markdown_latex(tmp_path):
+    frame = pd.DataFrame({"family": ["sgd_x"], "cost": [np.inf], "acc": ["80.00 ± 2.83"]})
+    table = write_table(Table("t", "A title", frame, "a note"), tmp_path)
+    assert pd.read_csv(table.paths["csv"])["cost"].iloc[0] == np.inf
+    assert "| sgd_x | not reached | 80.00 ± 2.83 |" in table.paths["md"].read_text()
+    tex = to_latex(frame, caption="A title")
+    assert r"sgd\_x & not reached & 80.00 $\pm$ 2.83 \\" in tex and r"\toprule" in tex
+
+
+def test_load_tune_reads_result_json_params_and_error_marker(tmp_path):
+    study = tmp_path / "demo"
+    for name, lr, diverged, error in (("t1", 0.1, 0, False), ("t2", 1.0, 1, False),
+                                      ("t3", 0.01, 0, True)):
+        trial = study / name
+        trial.mkdir(parents=True)
+        config = {"model": "mlp", "model_options": {"width": 8}, "family": "sgd",
+                  "variant": "default", "options": {"momentum": 0.9}, "lr": lr,
+                  "batch_size": 32, "seed": 0, "arm": "mlp/sgd/default"}
+        (trial / "params.json").write_text(json.dumps(config))
+        lines = [{"step": 10 * i, "test_accuracy": 0.5 + 0.1 * i, "train_loss": 1.0 / i,
+                  "diverged": diverged if i == 2 else 0, "training_iteration": i,
+                  "trial_id": name, "config": config, "done": i == 2} for i in (1, 2)]
+        (trial / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        if error:
+            (trial / "error.txt").write_text("boom")
+    trials, metrics = load_tune(study)
+    trials = trials.set_index("run_id")
+    assert trials.loc["t1", "status"] == "finished" and trials.loc["t2", "status"] == "diverged"
+    assert trials.loc["t3", "status"] == "errored"
+    assert trials.loc["t1", "opt.momentum"] == 0.9 and trials.loc["t1", "model.width"] == 8
+    assert trials.loc["t1", "test_accuracy"] == pytest.approx(0.7)
+    hist = metrics[(metrics["run_id"] == "t1") & (metrics["key"] == "test_accuracy")]
+    assert hist["step"].tolist() == [10, 20]
+    assert "config" not in set(metrics["key"]) and "training_iteration" not in set(metrics["key"])
