@@ -3,6 +3,7 @@ references (loops over batches and examples), training left bit-identical by mea
 the |gradient| histograms with their log-spaced schedule."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study import variance
 from study.data import DataSplit, UniformSampler, epoch_generator
 from study.optim import FAMILIES, Context, Optimizer, make_optimizer
 from study.spec import MeasureSpec
@@ -155,6 +157,21 @@ def test_statistics_match_naive_float64_reference(family):
         assert got[f"var/{key}"] == pytest.approx(ns[key], rel=1e-9), key
 
 
+def test_mean_set_in_several_union_passes_matches_naive(monkeypatch):
+    """Groups of 2 batches + a remainder of 1: the union passes must weight groups by size."""
+    monkeypatch.setattr(variance, "UNION_EXAMPLES", 8)
+    data, bs = make_data(), 4
+    opt = make_optimizer("sgd", make_mlp(), loss_fn, 0.1)
+    probe = VarianceProbe(MeasureSpec(every=1, batches=3), data, bs, SEED, 10)
+    got = probe.measure(opt, 4)
+    mean_set, fresh_set = probe.estimate_batches(4)
+    ref = naive_var_stats([per_example_grads(opt.model, opt.params, b).mean(0) for b in mean_set],
+                          [per_example_grads(opt.model, opt.params, b).mean(0)
+                           for b in fresh_set])
+    for key in ("var", "nvar", "logsnr", "gnorm"):
+        assert got[f"var/sgd_{key}"] == pytest.approx(ref[key], rel=1e-9, abs=1e-14), key
+
+
 def test_noise_scale_matches_naive_formula_on_a_cnn_in_float32():
     """B_simple through conv layers (batch_stats' unfold path), float32 on the model side."""
     torch.manual_seed(1)
@@ -259,7 +276,7 @@ def test_schedule_and_bad_input():
 def test_log_spaced_histogram_schedule():
     its = log_spaced_iterations(896, 8)
     assert len(its) == 8 and its[0] == 0 and its[-1] == 895
-    assert all(a < b for a, b in zip(its, its[1:]))
+    assert all(a < b for a, b in itertools.pairwise(its))
     for k, it in enumerate(its):                      # geometric in (iteration + 1)
         assert abs(it + 1 - 896 ** (k / 7)) <= 0.5
     small = log_spaced_iterations(5, 8)
