@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from _loop import make_context, one_thread, run_epochs  # noqa: F401 (fixture)
 from torch import nn
 
-from _loop import make_context, run_epochs
 from study.data import DataSplit, UniformSampler
 from study.optim import make_optimizer
 from study.optim.gc_distance import PLANS, choose_plan, example_factors, sq_distances

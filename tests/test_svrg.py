@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _loop import make_context, one_thread, run_epochs  # noqa: F401 (fixture)
 
-from _loop import make_context, run_epochs
 from study.data import DataSplit, UniformSampler
 from study.models import MLP
 from study.optim import make_optimizer

@@ -49,7 +49,7 @@ def check_supported(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         return
     if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        raise ValueError(f"gc: unsupported layer {type(module).__name__}")
+        raise TypeError(f"gc: unsupported layer {type(module).__name__}")
     if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
         raise ValueError(f"gc: {module} needs groups=1 and numeric zero padding")
 
@@ -76,15 +76,28 @@ def layer_factors(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> Factor
     return Factors(a, g)
 
 
-def example_factors(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                    modules: list[nn.Module]) -> list[Factors]:
-    """Factors of every module for a batch: one forward and one backward of Σ_i loss_i
-    (per-example losses, so each example's factors belong to its own, unscaled loss)."""
+Record = tuple[nn.Module, torch.Tensor, torch.Tensor]
+
+
+def layer_records(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                  modules: list[nn.Module]) -> list[Record]:
+    """(module, input, output gradient) of every module for a batch: one forward and one
+    backward of Σ_i loss_i (per-example losses, so each example's factors belong to its own,
+    unscaled loss)."""
     params = [p for m in modules for p in m.parameters(recurse=False) if p.requires_grad]
     with torch.enable_grad(), capture(model, modules) as cap:
         losses = loss_fn(model(x), y)
         torch.autograd.grad(losses.sum(), params)
-    return [layer_factors(r.module, r.a, r.g) for r in cap]
+    return [(r.module, r.a, r.g) for r in cap]
+
+
+def example_factors(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                    modules: list[nn.Module]) -> list[Factors]:
+    return [layer_factors(*r) for r in layer_records(model, loss_fn, x, y, modules)]
+
+
+def pooled_factors(records: list[Record]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [layer_factors(*r).pooled() for r in records]
 
 
 def plan_costs(batch: int, positions: int, d_in: int, d_out: int, centers: int) -> dict:
@@ -136,11 +149,18 @@ def _factored_cg(f: Factors, ci: torch.Tensor, co: torch.Tensor) -> torch.Tensor
                       for part in batch_chunks(batch, positions * ci.shape[0])])
 
 
-def total_distances(factors: list[Factors], ci: list[torch.Tensor],
-                    co: list[torch.Tensor]) -> torch.Tensor:
-    """Distances to the centers summed over layers, clamped at 0 against round-off (B, C)."""
-    total = None
-    for f, i, o in zip(factors, ci, co):
+def distances_and_pooled(records: list[Record], ci: list[torch.Tensor] | None,
+                         co: list[torch.Tensor] | None):
+    """(D, pooled): squared distances to the centers summed over layers, clamped at 0
+    against round-off (B, C), and each layer's pooled factors. ``ci = co = None`` measures
+    every example against every example's own pooled factors (B, B), for seeding. Unfolded
+    factors live one layer at a time."""
+    total, pooled = None, []
+    for layer, record in enumerate(records):
+        f = layer_factors(*record)
+        pooled.append(f.pooled())
+        i, o = pooled[-1] if ci is None else (ci[layer], co[layer])
         d, _ = sq_distances(f, i, o)
-        total = d if total is None else total + d
-    return total.clamp_(min=0)
+        total = d if total is None else total.add_(d)
+        del f
+    return total.clamp_(min=0), pooled

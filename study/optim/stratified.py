@@ -10,7 +10,7 @@ gradient, whatever the batch size, and its variance is the within-cluster varian
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

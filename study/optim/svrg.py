@@ -23,7 +23,7 @@ module is built and the live model is never touched.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.func import functional_call
@@ -69,8 +69,8 @@ def full_gradient(model: torch.nn.Module, loss_fn: LossFn, split: DataSplit,
 class SVRG(Optimizer):
     family = "svrg"
     variants = ("svrg",)
-    options = {"snapshot_every": 1, "snapshot_unit": "epoch", "momentum": 0.0,
-               "weight_decay": 0.0}
+    options: ClassVar[dict[str, Any]] = {"snapshot_every": 1, "snapshot_unit": "epoch",
+                                         "momentum": 0.0, "weight_decay": 0.0}
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
