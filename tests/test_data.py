@@ -201,7 +201,7 @@ def test_cifar10_pickle_batches_channel_major(tmp_path):
     train, test = load_dataset("cifar10", tmp_path)
     assert train.x.shape == (15, 3, 32, 32) and test.x.shape == (4, 3, 32, 32)
     assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
-    assert train.y.tolist() == sum((labels for _, labels in batches), [])
+    assert train.y.tolist() == [label for _, labels in batches for label in labels]
     assert test.y.tolist() == labels_t
     flat = int(train.x[4].argmax())
     assert np.unravel_index(flat, (3, 32, 32)) == (c, h, w)
@@ -235,7 +235,7 @@ def test_uniform_sampler_full_batches_without_repeats():
     batches = [b.tolist() for b in sampler]
     assert len(sampler) == len(batches) == n // bs
     assert all(len(b) == bs for b in batches)
-    seen = sum(batches, [])
+    seen = [i for b in batches for i in b]
     assert len(set(seen)) == len(seen) == (n // bs) * bs
     assert all(0 <= i < n for i in seen)
     assert len(UniformSampler(n, n, epoch_generator(0, 0))) == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from study.models import CNN1d, LeNet, MLP, ResNet8, build_model
+from study.models import MLP, CNN1d, LeNet, ResNet8, build_model
 
 
 def _n_params(model: nn.Module) -> int:

@@ -16,6 +16,9 @@ class SGD(Optimizer):
         # The variant decides how momentum is used; the option only sets its size.
         self.rule.momentum = 0.0 if self.variant == "plain" else float(self.opts["momentum"])
         self.rule.nesterov = self.variant == "nesterov"
+        if self.rule.nesterov and self.rule.momentum <= 0:  # else it silently runs plain SGD
+            raise ValueError(f"sgd: variant 'nesterov' needs option momentum > 0, "
+                             f"got {self.rule.momentum}")
 
 
 @register
