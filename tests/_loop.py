@@ -45,3 +45,32 @@ def run_epochs(opt: Optimizer, ctx: Context, epochs: int, seed: int = 0) -> int:
         ctx.epoch += 1
         cost += sum(p.run(ctx) for p in periodics if p.due("epoch", ctx.epoch))
     return cost
+
+
+def trial_resumes_exactly(tmp_path, family: str, variant: str, options: dict):
+    """Run a tiny MNIST-1D trial through the real trial loop, once straight and once
+    interrupted after epoch 2 and resumed from its checkpoint (through torch.save); assert
+    identical final weights and cost. Returns the last epoch's metrics and the training
+    set size."""
+    from study.spec import parse_spec
+    from study.trial import load_splits, run_trial
+
+    spec = parse_spec({
+        "name": "t", "dataset": {"name": "mnist1d", "size": 600, "root": str(tmp_path)},
+        "models": [{"name": "mlp", "widths": [16]}], "epochs": 4, "lr": [0.1],
+        "batch_size": [32], "families": {family: {"variants": [variant], "options": options}},
+        "measure": {"every": 0, "histograms": False}})
+    config = spec.trials()[0]
+    runs = {}
+    for name, kwargs in (("full", {}), ("part", {"stop_after": 2})):
+        runs[name] = []
+        run_trial(config, spec, report=lambda m, s, r=runs[name]: r.append((m, s)), **kwargs)
+    torch.save(runs["part"][-1][1], tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    rest = []
+    run_trial(config, spec, report=lambda m, s: rest.append((m, s)), state=state)
+    full_metrics, full_state = runs["full"][-1]
+    for key, value in full_state["model"].items():
+        assert torch.equal(value, rest[-1][1]["model"][key]), key
+    assert full_metrics["grad_evals"] == rest[-1][0]["grad_evals"]
+    return full_metrics, len(load_splits(spec)[0])

@@ -8,12 +8,19 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from _loop import make_context, one_thread, run_epochs  # noqa: F401 (fixture)
+from _loop import make_context, one_thread, run_epochs, trial_resumes_exactly  # noqa: F401
 from torch import nn
 
 from study.data import DataSplit, UniformSampler
 from study.optim import make_optimizer
-from study.optim.gc_distance import PLANS, choose_plan, example_factors, sq_distances
+from study.optim.gc_distance import (
+    PLANS,
+    choose_plan,
+    example_factors,
+    layer_records,
+    pooled_factors,
+    sq_distances,
+)
 from study.optim.stratified import StratifiedSampler
 
 D64 = torch.float64
@@ -270,3 +277,52 @@ def test_bad_options_name_the_field():
     grouped = nn.Sequential(nn.Conv1d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, 3))
     with pytest.raises(ValueError, match="groups"):
         make_optimizer("gc", grouped, loss_fn, lr=0.1)
+
+
+def test_rebalancing_fills_an_empty_cluster_and_centers_are_cluster_means():
+    model, train, _ = planted(sizes=(20, 40, 60, 80))
+    opt = make_optimizer("gc", model, loss_fn, lr=0.1, variant="batch", nclusters=5, citers=1)
+    ctx = make_context(opt, train, batch_size=8)
+    opt.init_centers(ctx)
+    for centers in (*opt.ci, *opt.co):
+        centers[4] = 1e3                      # a center nobody is near: cluster 4 stays empty
+    opt.batch_snapshot(ctx)
+    assert opt.reinits == 1 and opt.counts[4] > 0 and (opt.counts > 0).all()
+    # centers must be the means of the pooled factors of the final (rebalanced) assignment
+    pooled = pooled_factors(layer_records(model, loss_fn, train.x, train.y, opt.modules))
+    for (a, g), ci, co in zip(pooled, opt.ci, opt.co):
+        for factor, center in ((a, ci), (g, co)):
+            sums = torch.zeros_like(center).index_add_(0, opt.assignment, factor)
+            torch.testing.assert_close(center, sums / opt.counts[:, None], rtol=1e-10,
+                                       atol=1e-12)
+
+
+def test_full_passes_keep_every_cluster_in_use():
+    """Weighting a whole pass by the previous pass's sizes emptied clusters (all examples
+    jump to the emptiest one); running sizes keep all of them populated and balanced."""
+    g = torch.Generator().manual_seed(0)
+    train = DataSplit(torch.randn(300, 12, generator=g), torch.randint(0, 5, (300,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    opt = make_optimizer("gc", model, loss_fn, lr=0.1, variant="batch", nclusters=8, citers=4)
+    opt.batch_snapshot(make_context(opt, train, batch_size=16))
+    assert (opt.counts > 0).all() and opt.reinits == 0
+    assert int(opt.counts.max()) < 3 * 300 / 8
+
+
+def test_online_reinit_copies_the_highest_distortion_cluster():
+    _, train, _, opt = clustered("online", sizes=(20, 40, 60, 80), batch_size=8, nclusters=4,
+                                 min_size=1.0)
+    opt.sizes = torch.tensor([3.0, 0.1, 2.0, 2.9], dtype=D64)        # fair share B/C = 2
+    opt.distortion = torch.tensor([1.0, 5.0, 7.0, 2.0], dtype=D64)   # 1 is small: skip it
+    assert opt.reinit(make_context(opt, train, 8)) == 0 and opt.reinits == 1
+    assert all(torch.equal(c[1], c[2]) for c in (*opt.ci, *opt.co))
+    assert opt.sizes.tolist() == [3.0, 1.0, 1.0, 2.9]
+    assert opt.distortion.tolist() == [1.0, 3.5, 3.5, 2.0]
+
+
+@pytest.mark.parametrize("variant", ["batch", "online"])
+def test_trial_with_gc_resumes_exactly(tmp_path, variant):
+    metrics, _ = trial_resumes_exactly(tmp_path, "gc", variant,
+                                       {"nclusters": 8, "online_every": 3, "reinit_every": 5})
+    assert metrics["gc/nonempty_clusters"] == 8 and metrics["gc/total_distortion"] > 0

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _loop import make_context, one_thread, run_epochs  # noqa: F401 (fixture)
+from _loop import make_context, one_thread, run_epochs, trial_resumes_exactly  # noqa: F401
 
 from study.data import DataSplit, UniformSampler
 from study.models import MLP
@@ -144,3 +144,12 @@ def test_bad_options_name_the_field():
         make_optimizer("svrg", model, loss_fn, lr=0.1, snapshot_unit="weeks")
     with pytest.raises(ValueError, match="snapshot_every"):
         make_optimizer("svrg", model, loss_fn, lr=0.1, snapshot_every=0)
+
+
+def test_trial_with_svrg_resumes_exactly(tmp_path):
+    metrics, n = trial_resumes_exactly(tmp_path, "svrg", "svrg",
+                                       {"momentum": 0.5, "snapshot_unit": "iter",
+                                        "snapshot_every": 7})
+    steps = 4 * (n // 32)            # 4 epochs at batch 32, 2·32 evaluations per step
+    snapshots = len(range(0, steps, 7))
+    assert metrics["grad_evals"] == steps * 64 + snapshots * n
