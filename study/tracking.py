@@ -6,6 +6,7 @@ a resumed trial keeps logging into the run it started, exactly once per step.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -17,6 +18,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 STATUSES = ("running", "finished", "diverged", "errored")
+
+
+@functools.lru_cache(maxsize=8)
+def client_for(uri: str) -> MlflowClient:
+    """One client per store and process: opening a sqlite store costs seconds, and Ray
+    reuses trial processes across trials."""
+    return MlflowClient(uri)
 
 
 def resolve_uri(uri: str, base: Path | None = None) -> str:
@@ -45,7 +53,7 @@ def study_parent(uri: str, study: str, parent_run_id: str | None, params: dict[s
                  artifacts: dict[str, Any]) -> tuple[str, str]:
     """(experiment id, parent run id): reuse ``parent_run_id`` when given (a resumed
     sweep), else create the experiment if needed and a new parent run."""
-    client = MlflowClient(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(study)
     exp_id = exp.experiment_id if exp else client.create_experiment(study)
     if parent_run_id:
@@ -63,7 +71,7 @@ def study_parent(uri: str, study: str, parent_run_id: str | None, params: dict[s
 
 
 def finish_parent(uri: str, parent_run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient(uri).set_terminated(parent_run_id, status)
+    client_for(uri).set_terminated(parent_run_id, status)
 
 
 class TrialRun:
@@ -71,7 +79,7 @@ class TrialRun:
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                  config: dict[str, Any], tags: dict[str, str]):
-        self.client = MlflowClient(uri)
+        self.client = client_for(uri)
         found = self.client.search_runs(
             [experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "

@@ -192,10 +192,14 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     """The Ray Tune function trainable: one trial, logged to its MLflow child run."""
     import tempfile
 
+    import ray
     from ray import tune
 
     from study.tracking import TrialRun
 
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     cfg = trial_config(config, arms)
     ctx = tune.get_context()
@@ -204,6 +208,7 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
                    ctx.get_trial_id(), cfg,
                    tags={"gradstudy.study": spec.name, "family": cfg["family"],
                          "variant": cfg["variant"], "model": cfg["model"], "arm": cfg["arm"]})
+    run.set_tag("node_id", ray.get_runtime_context().get_node_id())  # where it ran (this attempt)
     checkpoint = tune.get_checkpoint()
     state = None
     if checkpoint is not None:

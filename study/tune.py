@@ -45,6 +45,7 @@ def spec_hash(spec: Spec) -> str:
 def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str | None = None,
               storage: str | None = None, tracking_uri: str | None = None, fresh: bool = False,
               report: bool = True) -> StudyResult:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact status table below
     import ray
     from ray import tune
 
@@ -66,7 +67,8 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
         state = None
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+        # "local" always starts a private runtime: never attach to whatever cluster is running
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
     _check_cluster_gpus(spec)
 
@@ -132,11 +134,26 @@ def _new_tuner(spec: Spec, fn, storage_path: str):
             metric=spec.search.metric, mode=spec.search.mode, search_alg=search_alg,
             scheduler=scheduler, num_samples=num_samples,
             max_concurrent_trials=spec.resources.max_concurrent,
+            reuse_actors=True,  # a fresh worker costs seconds of imports per trial
             trial_dirname_creator=_dirname),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage_path, verbose=1,
+            name=spec.name, storage_path=storage_path, verbose=1, progress_reporter=_reporter(spec),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+            # Keep every (small) epoch checkpoint: pruning forces an experiment snapshot per
+            # checkpoint, which throttles short trials.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
+
+
+def _reporter(spec: Spec):
+    """Progress on the terminal: one row per trial, its arm, lr, batch size and metrics."""
+    from ray.tune import CLIReporter
+
+    params = ({"trial/arm": "arm", "trial/lr": "lr", "trial/batch_size": "bs"}
+              if spec.search.kind == "grid" else {"arm": "arm", "batch_size": "bs"})
+    return CLIReporter(parameter_columns=params, max_report_frequency=15,
+                       metric_columns={"epoch": "epoch", spec.search.metric: spec.search.metric,
+                                       "test_accuracy": "test_acc", "train_loss": "train_loss"},
+                       sort_by_metric=True, max_progress_rows=12, max_error_rows=5)
 
 
 def _optuna(spec: Spec):
