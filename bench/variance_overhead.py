@@ -76,6 +76,46 @@ def trial(model_name: str, family: str, bs: int, measure: MeasureSpec | None, da
     return time.perf_counter() - t0, n_meas, n_hist
 
 
+def unit_costs(model_name: str, family: str, bs: int, data: DataSplit, device: str,
+               rounds: int) -> tuple[float, float, float]:
+    """Median seconds of (one training step, one measurement, one histogram), timed in
+    interleaved rounds of 50 steps / 1 measurement / 1 histogram at the same weights:
+    robust to load spikes where whole-trial timings are not."""
+    torch.manual_seed(0)
+    model = build_model(model_name, (1, 40), 10, **MODELS[model_name]).to(device)
+    opt = make_optimizer(family, model, loss_fn, 0.05)
+    steps = len(data) // bs
+    probe = VarianceProbe(SETUPS["measure+hist"], data, bs, 0, EPOCHS * steps)
+    from study.optim import Context
+    ctx = Context(model, loss_fn, data, bs, 0, 0, epoch_generator(0, 0, -1))
+    for work in opt.periodic():           # e.g. a snapshot a direction needs
+        if work.due("iter", 0):
+            work.run(ctx)
+    batches = [data.batch(idx) for idx in opt.sampler(len(data), bs, epoch_generator(0, 0))]
+    step_t, meas_t, hist_t = [], [], []
+
+    def timed(fn) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def fifty_steps():
+        for i in range(50):
+            opt.step(opt.direction(batches[i % len(batches)]))
+
+    for r in range(rounds + 1):
+        s = timed(fifty_steps) / 50
+        m = timed(lambda r=r: probe.measure(opt, r))
+        h = timed(lambda r=r: probe.record_histogram(opt, r))
+        if r:                                             # round 0 warms up
+            step_t.append(s)
+            meas_t.append(m)
+            hist_t.append(h)
+    return statistics.median(step_t), statistics.median(meas_t), statistics.median(hist_t)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -83,7 +123,8 @@ def _sync(device: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="whole-trial repeats per setup")
+    ap.add_argument("--rounds", type=int, default=15, help="unit-cost rounds per cell")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--families", default="sgd", help="comma-separated, e.g. sgd,kfac")
@@ -96,54 +137,77 @@ def main() -> None:
                      torch.randint(0, 10, (TRAIN,), generator=g)).to(args.device)
     cells = [(m, f, int(b)) for m in MODELS for f in args.families.split(",")
              for b in args.batch_sizes.split(",")]
-    times: dict[tuple, dict[str, list[float]]] = {c: {s: [] for s in SETUPS} for c in cells}
-    counts: dict[tuple, dict[str, tuple[int, int]]] = {c: {} for c in cells}
-    for c in cells:                                       # warm-up (allocator, first calls)
-        trial(*c, SETUPS["measure+hist"], data, args.device)
-    order = random.Random(0)
-    for _ in range(args.reps):
-        for c in cells:
-            setups = list(SETUPS)
-            order.shuffle(setups)                        # interleaved, in varying order
-            for s in setups:
-                secs, n_meas, n_hist = trial(*c, SETUPS[s], data, args.device)
-                times[c][s].append(secs)
-                counts[c][s] = (n_meas, n_hist)
-
-    rows = []
-    header = (f"{'model':5} {'family':6} {'B':>4} {'iters':>5} {'meas':>4} {'none s':>7} "
-              f"{'probe s':>8} {'share':>6} {'+hist s':>8} {'share':>6} {'1 meas=steps':>12} "
-              f"{'every@10b':>9} {'batches@50':>10}")
-    print(f"device={args.device} threads={args.threads} reps={args.reps} "
-          f"(median of interleaved repeats; share = (T_probe - T_none) / T_probe)")
-    print(header)
-    for (m, f, b), t in times.items():
-        iters = EPOCHS * (TRAIN // b)
-        n_meas = counts[(m, f, b)]["measure"][0]
-        n_hist = counts[(m, f, b)]["measure+hist"][1]
-        base, probe, hist = (statistics.median(t[s]) for s in SETUPS)
-        share = [statistics.median((p - n) / p for p, n in zip(t[s], t["none"]))
-                 for s in ("measure", "measure+hist")]
-        step_s = base / iters
-        meas_s = max(probe - base, 0.0) / n_meas
-        meas_steps = meas_s / step_s
-        # share(every) = (c/every) / (1 + c/every) <= TARGET  <=>  every >= c (1-T)/T
-        every_needed = math.ceil(meas_steps * (1 - TARGET) / TARGET)
-        batches_ok = math.floor(10 * 50 * TARGET / ((1 - TARGET) * meas_steps)) if meas_steps else None
-        rows.append({"model": m, "family": f, "batch_size": b, "iterations": iters,
-                     "measurements": n_meas, "histograms": n_hist,
-                     "expected_measurements_floor_iters_over_50": iters // 50,
-                     "t_none_s": base, "t_probe_s": probe, "t_probe_hist_s": hist,
-                     "share_probe": share[0], "share_probe_hist": share[1],
-                     "measurement_in_steps": meas_steps, "every_for_target_at_10_batches":
-                     every_needed, "batches_for_target_at_every_50": batches_ok})
-        print(f"{m:5} {f:6} {b:4d} {iters:5d} {n_meas:4d} {base:7.3f} {probe:8.3f} "
-              f"{share[0]:6.1%} {hist:8.3f} {share[1]:6.1%} {meas_steps:12.1f} "
-              f"{every_needed:9d} {batches_ok!s:>10}")
+    print(f"device={args.device} threads={args.threads} whole-trial reps={args.reps} "
+          f"unit-cost rounds={args.rounds}; default schedule: every 50, 10 batches, "
+          f"8 histograms; {EPOCHS} epochs x {TRAIN}/B steps")
+    rows = [whole_trials(c, data, args) | projected(c, data, args) for c in cells]
+    print("\n(1) whole default trials, interleaved; share = median (T_probe - T_none) / T_probe")
+    print(f"{'model':5} {'family':6} {'B':>4} {'iters':>5} {'meas':>4} {'iters//50':>9} "
+          f"{'hists':>5} {'none s':>7} {'probe s':>8} {'share':>6} {'+hist s':>8} {'share':>6}")
+    for r in rows:
+        print(f"{r['model']:5} {r['family']:6} {r['batch_size']:4d} {r['iterations']:5d} "
+              f"{r['measurements']:4d} {r['iterations'] // 50:9d} {r['histograms']:5d} "
+              f"{r['t_none_s']:7.3f} {r['t_probe_s']:8.3f} {r['share_probe']:6.1%} "
+              f"{r['t_probe_hist_s']:8.3f} {r['share_probe_hist']:6.1%}")
+    print("\n(2) unit costs (medians of interleaved rounds) and the share they imply for a "
+          "default trial;\n    every@10b: sparsest `every` meeting the 10% target at 10 "
+          "batches; batches@50: most batches meeting it at every 50")
+    print(f"{'model':5} {'family':6} {'B':>4} {'step ms':>8} {'meas ms':>8} {'hist ms':>8} "
+          f"{'meas/step':>9} {'share':>6} {'+hist':>6} {'every@10b':>9} {'batches@50':>10}")
+    for r in rows:
+        print(f"{r['model']:5} {r['family']:6} {r['batch_size']:4d} {r['step_ms']:8.3f} "
+              f"{r['measure_ms']:8.2f} {r['histogram_ms']:8.2f} {r['measure_in_steps']:9.1f} "
+              f"{r['projected_share']:6.1%} {r['projected_share_hist']:6.1%} "
+              f"{r['every_for_target_at_10_batches']:9d} "
+              f"{r['batches_for_target_at_every_50']:10d}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": args.device, "threads": args.threads, "reps": args.reps,
-                       "target_share": TARGET, "rows": rows}, fh, indent=2)
+                       "rounds": args.rounds, "target_share": TARGET, "rows": rows}, fh,
+                      indent=2)
+
+
+def whole_trials(cell: tuple, data: DataSplit, args) -> dict:
+    """Setups interleaved in a shuffled order per repeat, after one warm-up trial."""
+    m, f, b = cell
+    trial(m, f, b, SETUPS["measure+hist"], data, args.device)
+    times: dict[str, list[float]] = {s: [] for s in SETUPS}
+    counts: dict[str, tuple[int, int]] = {}
+    order = random.Random(b)
+    for _ in range(args.reps):
+        setups = list(SETUPS)
+        order.shuffle(setups)
+        for s in setups:
+            secs, n_meas, n_hist = trial(m, f, b, SETUPS[s], data, args.device)
+            times[s].append(secs)
+            counts[s] = (n_meas, n_hist)
+    share = {s: statistics.median((p - n) / p for p, n in zip(times[s], times["none"]))
+             for s in ("measure", "measure+hist")}
+    return {"model": m, "family": f, "batch_size": b, "iterations": EPOCHS * (TRAIN // b),
+            "measurements": counts["measure"][0], "histograms": counts["measure+hist"][1],
+            "t_none_s": statistics.median(times["none"]),
+            "t_probe_s": statistics.median(times["measure"]),
+            "t_probe_hist_s": statistics.median(times["measure+hist"]),
+            "share_probe": share["measure"], "share_probe_hist": share["measure+hist"]}
+
+
+def projected(cell: tuple, data: DataSplit, args) -> dict:
+    m, f, b = cell
+    step, meas, hist = unit_costs(m, f, b, data, args.device, args.rounds)
+    iters = EPOCHS * (TRAIN // b)
+    n_meas = math.ceil(iters / 50)            # iterations 0, 50, ... < iters
+    train_s, meas_s = iters * step, n_meas * meas
+    hist_s = 8 * hist
+    in_steps = meas / step
+    # share(every) = (c/every) / (1 + c/every) <= T  <=>  every >= c (1 - T) / T
+    every = math.ceil(in_steps * (1 - TARGET) / TARGET)
+    # a measurement of k batches costs about k/10 of one of 10 batches
+    batches = math.floor(10 * 50 * TARGET / ((1 - TARGET) * in_steps))
+    return {"step_ms": step * 1e3, "measure_ms": meas * 1e3, "histogram_ms": hist * 1e3,
+            "measure_in_steps": in_steps,
+            "projected_share": meas_s / (train_s + meas_s),
+            "projected_share_hist": (meas_s + hist_s) / (train_s + meas_s + hist_s),
+            "every_for_target_at_10_batches": every, "batches_for_target_at_every_50": batches}
 
 
 if __name__ == "__main__":

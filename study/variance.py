@@ -141,9 +141,8 @@ class VarianceProbe:
         names = _param_names(opt)
         with _isolated():
             grads, _ = gradient(opt.model, opt.loss_fn, batch, opt.params)
-            for name, g in zip(names, grads):
-                self._hist.setdefault(name, []).append({"iteration": iteration,
-                                                        **magnitude_histogram(g)})
+            for name, hist in zip(names, magnitude_histograms(grads)):
+                self._hist.setdefault(name, []).append({"iteration": iteration, **hist})
         self._hist_done.append(iteration)
 
     def histograms(self) -> dict[str, Any]:
@@ -195,19 +194,23 @@ def _noise_scale(ex_sum: torch.Tensor, ex_sq: torch.Tensor, n: int) -> dict[str,
     return {"var/noise_scale": noise, "var/trace_sigma": trace, "var/grad_sq_norm": grad_sq}
 
 
-def magnitude_histogram(g: torch.Tensor) -> dict[str, Any]:
-    """Counts of log10|g| on fixed edges; exact zeros, values below the first edge and at or
-    above the last edge are counted apart (``zeros``, ``underflow``, ``overflow``)."""
-    a = g.detach().abs().reshape(-1).double()
+def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """Per tensor, counts of log10|g| on fixed edges; exact zeros, values below the first edge
+    and at or above the last edge are counted apart (``zeros``, ``underflow``,
+    ``overflow``). One bincount over all tensors (slot = tensor × (bins + 3) + bin)."""
     edges = histogram_edges()
-    nonzero = a[a > 0].log10()
-    inside = nonzero[(nonzero >= LOG10_LOW) & (nonzero < LOG10_HIGH)]
     bins = len(edges) - 1
-    idx = ((inside - LOG10_LOW) * BINS_PER_DECADE).floor().long().clamp_(0, bins - 1)
-    counts = torch.bincount(idx, minlength=bins)
-    under = int((nonzero < LOG10_LOW).sum())
-    return {"edges": edges, "counts": counts.tolist(), "zeros": int(a.numel() - nonzero.numel()),
-            "underflow": under, "overflow": int(nonzero.numel() - inside.numel() - under)}
+    slots = bins + 3                                  # bins, zeros, underflow, overflow
+    a = torch.cat([g.detach().reshape(-1) for g in grads]).abs().double()
+    pos = (a.log10() - LOG10_LOW) * BINS_PER_DECADE   # -inf for exact zeros
+    code = torch.where(a == 0, bins, torch.where(pos < 0, bins + 1, torch.where(
+        pos >= bins, bins + 2, pos.clamp(0, bins - 1).floor()))).long()
+    owner = torch.repeat_interleave(torch.arange(len(grads), device=a.device),
+                                    torch.tensor([g.numel() for g in grads], device=a.device))
+    table = torch.bincount(owner * slots + code, minlength=len(grads) * slots)
+    return [{"edges": edges, "counts": row[:bins], "zeros": row[bins],
+             "underflow": row[bins + 1], "overflow": row[bins + 2]}
+            for row in table.view(len(grads), slots).tolist()]
 
 
 def histogram_edges() -> list[float]:
