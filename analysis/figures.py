@@ -11,11 +11,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import to_rgb  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_rgb
+from matplotlib.lines import Line2D
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,12 @@ FAMILY_COLORS = {"sgd": "#1f77b4", "adam": "#ff7f0e", "snr": "#2ca02c",
 _SPARE_COLORS = ("#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939")
 LINESTYLES = ("-", "--", ":", "-.")
 PANEL_W, PANEL_H, DPI = 4.2, 3.2, 120
+
+
+def family_order(family: str) -> tuple:
+    """Sort key: the project's family order first (as in FAMILY_COLORS), then by name."""
+    order = list(FAMILY_COLORS)
+    return (order.index(family) if family in order else len(order), family)
 
 
 def family_color(family: str) -> str:
@@ -67,7 +73,8 @@ def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, st
     """(family, variant suffix) -> (colour, linestyle, label): colour by family, line style by
     variant/options, so one legend entry serves every model."""
     styles = {}
-    for family, part in frame.groupby("family"):
+    for family in sorted(frame["family"].unique(), key=family_order):
+        part = frame[frame["family"] == family]
         for i, suffix in enumerate(sorted({_arm_suffix(a) for a in part["arm"]})):
             label = family if suffix == "default" else f"{family} ({suffix})"
             styles[(family, suffix)] = (family_color(family), LINESTYLES[i % len(LINESTYLES)],
@@ -75,10 +82,15 @@ def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, st
     return styles
 
 
-def _grid(n_rows: int, n_cols: int, **kw):
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL_W * n_cols, PANEL_H * n_rows),
+def _grid(n_rows: int, n_cols: int, panel_h: float = PANEL_H, **kw):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL_W * n_cols, panel_h * n_rows),
                              squeeze=False, **kw)
     return fig, axes
+
+
+def _legend_outside(ax):
+    """Legend right of the panel, so that it never hides a curve."""
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
 
 
 def _save(fig, out_dir: Path, name: str) -> Path:
@@ -145,12 +157,15 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
     if metric not in trials.columns or trials[metric].notna().sum() == 0:
         return skipped(f"no {metric} logged")
     panels = sorted(trials[["dataset", "model", "arm", "family"]].drop_duplicates()
-                    .itertuples(index=False, name=None))
+                    .itertuples(index=False, name=None),
+                    key=lambda p: (p[0], p[1], family_order(p[3]), p[2]))
     ok = trials[trials["status"] == "finished"]
     vmin, vmax = 100 * ok[metric].min(), 100 * ok[metric].max()
     n_cols = min(3, len(panels))
     n_rows = -(-len(panels) // n_cols)
-    fig, axes = _grid(n_rows, n_cols, layout="constrained")
+    most_lrs = max(trials.groupby(["dataset", "model", "arm"])["lr"].nunique())
+    panel_h = max(PANEL_H, 0.22 * most_lrs + 1.2)  # a 36-point DeepOBS grid stays legible
+    fig, axes = _grid(n_rows, n_cols, panel_h=panel_h, layout="constrained")
     n_cells = 0
     image = None
     for ax, (dataset, model, arm, family) in zip(axes.flat, panels):
@@ -172,12 +187,12 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
                     grid[i, j] = 100 * cell.loc[cell["status"] != "errored", metric].mean()
                     text = f"{grid[i, j]:.1f}"
                 shade = np.isnan(grid[i, j]) or grid[i, j] < (vmin + vmax) / 2
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if len(lrs) < 12 else 6,
                         color="white" if shade and not np.isnan(grid[i, j]) else "black")
         image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto",
                           origin="lower")
         ax.set_xticks(range(len(sizes)), [str(int(s)) for s in sizes])
-        ax.set_yticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs])
+        ax.set_yticks(range(len(lrs)), [f"{lr:.1e}" for lr in lrs])
         ax.set_xlabel("batch size (examples)")
         ax.set_ylabel("learning rate (log grid)", fontsize=9)
         suffix = _arm_suffix(arm)
@@ -201,6 +216,11 @@ def _seed_mean_curves(metrics: pd.DataFrame, run_ids: list[str], keys: list[str]
     return part.pivot_table(index="step", columns="key", values="value", aggfunc="mean")
 
 
+def _family_rows(best: pd.DataFrame, problem: tuple):
+    rows = best[(best["dataset"] == problem[0]) & (best["model"] == problem[1])]
+    return sorted(rows.iterrows(), key=lambda item: family_order(item[1]["family"]))
+
+
 def _setting_label(row) -> str:
     suffix = _arm_suffix(row["arm"])
     name = row["family"] if suffix == "default" else f"{row['family']} ({suffix})"
@@ -217,8 +237,7 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     fig, axes = _grid(len(problems), 2)
     n_series = 0
     for r, problem in enumerate(problems):
-        rows = best[(best["dataset"] == problem[0]) & (best["model"] == problem[1])]
-        for _, row in rows.iterrows():
+        for _, row in _family_rows(best, problem):
             curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
             if curves.empty or "grad_evals" not in curves:
                 continue
@@ -233,10 +252,10 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
         axes[r, 1].set_ylabel("train loss (cross-entropy, log scale)")
         axes[r, 1].set_yscale("log")
         for ax in axes[r]:
-            ax.set_xlabel("gradient evaluations (examples through a backward)")
+            ax.set_xlabel("gradient evaluations (examples)")
             ax.set_title(_problem_label(problem), fontsize=10)
             ax.grid(True, alpha=0.3)
-        axes[r, 1].legend(fontsize=7, loc="upper right")
+        _legend_outside(axes[r, 1])
     fig.tight_layout()
     return FigureResult(_save(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
                         n_series=n_series)
@@ -252,8 +271,7 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     fig, axes = _grid(len(problems), 2)
     n_series = 0
     for r, problem in enumerate(problems):
-        rows = best[(best["dataset"] == problem[0]) & (best["model"] == problem[1])]
-        for _, row in rows.iterrows():
+        for _, row in _family_rows(best, problem):
             curves = _seed_mean_curves(metrics, row["run_ids"], list(keys))
             for ax, key in zip(axes[r], keys):
                 if key in curves and curves[key].notna().any():
@@ -263,11 +281,15 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                     n_series += 1
         for ax, (key, name) in zip(axes[r], keys.items()):
             ax.set_yscale("log")
-            ax.set_xlabel("iteration (optimizer steps)")
+            steps = metrics.loc[metrics["key"] == key, "step"]
+            log_x = len(steps) and steps.min() >= 1 and steps.max() / steps.min() > 100
+            if log_x:  # measurements are usually log-spaced in iterations
+                ax.set_xscale("log")
+            ax.set_xlabel("iteration (optimizer steps" + (", log scale)" if log_x else ")"))
             ax.set_ylabel(f"{name} (log scale)")
             ax.set_title(f"{_problem_label(problem)}: {key}", fontsize=10)
             ax.grid(True, which="major", alpha=0.3)
-        axes[r, 1].legend(fontsize=7, loc="best")
+        _legend_outside(axes[r, 1])
     fig.tight_layout()
     return FigureResult(_save(fig, Path(out_dir), "variance"), n_panels=axes.size,
                         n_series=n_series)
@@ -356,22 +378,25 @@ def performance_profiles(cost: pd.DataFrame, out_dir: Path, r_max: float = 4.0) 
     if cost["problem"].nunique() < 2:
         return skipped("performance profiles need at least 2 problems (dataset × model)")
     taus = np.linspace(1.0, r_max, 301)
-    fig, axes = _grid(1, 2)
+    fig, axes = _grid(1, 2, panel_h=PANEL_H + 1.0, layout="constrained")
     n_series = 0
     for ax, col, unit in ((axes[0, 0], "grad_evals_to_target", "gradient evaluations"),
                           (axes[0, 1], "time_s_to_target", "wall-clock seconds")):
         table = cost.pivot_table(index="problem", columns="family", values=col, aggfunc="min")
-        for fam, rho in profile_curve(table, taus).items():
-            ax.step(taus, rho, where="post", color=family_color(fam),
+        table = table[sorted(table.columns, key=family_order)]
+        curves = profile_curve(table, taus)
+        for k, (fam, rho) in enumerate(curves.items()):
+            width = 3.5 - 2.3 * k / max(1, len(curves) - 1)  # wide first: tied curves stay visible
+            ax.step(taus, rho, where="post", color=family_color(fam), lw=width,
                     label=f"{fam} (score {profile_score(rho, taus):.2f})")
             n_series += 1
         ax.set_xlim(1, r_max)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(f"τ: cost ratio to the best family ({unit})")
-        ax.set_ylabel("ρ(τ): share of problems within τ")
-        ax.set_title(f"cost to target in {unit} ({table.shape[0]} problems)", fontsize=10)
+        ax.set_xlabel("τ: cost ratio to the best family")
+        ax.set_ylabel("ρ(τ): share of problems within τ of best")
+        ax.set_title(f"cost to target in {unit}\n({table.shape[0]} problems)", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                  frameon=False)  # below the axes: ρ curves fill the panel
     return FigureResult(_save(fig, Path(out_dir), "performance_profiles"), n_panels=2,
                         n_series=n_series)

@@ -152,6 +152,8 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
 
 def download_grad_hist(tracking_uri: str | None, run_id: str, dst: Path) -> dict | None:
     """The run's ``grad_hist.json`` artifact, or None when it has none."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(tracking_uri)
     try:
         names = {a.path for a in client.list_artifacts(run_id)}
@@ -159,7 +161,7 @@ def download_grad_hist(tracking_uri: str | None, run_id: str, dst: Path) -> dict
             return None
         dst.mkdir(parents=True, exist_ok=True)
         local = client.download_artifacts(run_id, "grad_hist.json", str(dst))
-    except Exception as err:  # artifact store unreachable: the figure is skipped, not the report
+    except (MlflowException, OSError) as err:  # store unreachable: skip the figure, not the report
         log.warning("grad_hist.json of run %s could not be downloaded: %s", run_id, err)
         return None
     return json.loads(Path(local).read_text())

@@ -97,18 +97,18 @@ def make_figures(trials, metrics, best, cost, out_dir: Path) -> dict[str, figure
     return results
 
 
-def _source_line(trials) -> str:
+def _source_line(trials, quote: str = "`") -> str:
     attrs = trials.attrs
     if attrs.get("source") == "mlflow":
         return (f"MLflow {attrs.get('tracking_uri') or '(default URI)'}, parent run "
-                f"`{attrs.get('parent_run_id')}`")
-    return f"Ray Tune results `{attrs.get('results_dir')}`"
+                f"{quote}{attrs.get('parent_run_id')}{quote}")
+    return f"Ray Tune results {quote}{attrs.get('results_dir')}{quote}"
 
 
 def _write_index_md(out, study, trials, select, summary, table_list, figs):
     lines = [f"# Study `{study}`", "",
-             f"Source: {_source_line(trials)}. Trials: {len(trials)}. "
-             f"Best LR selected by final `{select}`.", "",
+             (f"Source: {_source_line(trials)}. Trials: {len(trials)}. "
+              f"Best LR selected by final `{select}`."), "",
              "## Summary (best LR per model × family × batch size)", "",
              "[summary.csv](summary.csv) · [summary.md](summary.md)", "", to_markdown(summary)]
     for table in table_list:
@@ -134,10 +134,10 @@ _CSS = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 
 
 def _write_index_html(out, study, trials, select, summary, table_list, figs):
     esc = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(study)} report"
-             f"</title><style>{_CSS}</style></head><body>",
-             f"<h1>Study {esc(study)}</h1><p>Source: {esc(_source_line(trials))}. Trials: "
-             f"{len(trials)}. Best LR selected by final {esc(select)}.</p>",
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(study)} report"
+              f"</title><style>{_CSS}</style></head><body>"),
+             (f"<h1>Study {esc(study)}</h1><p>Source: {esc(_source_line(trials, ''))}. Trials: "
+              f"{len(trials)}. Best LR selected by final {esc(select)}.</p>"),
              "<h2>Summary (best LR per model × family × batch size)</h2>",
              "<p><a href='summary.csv'>summary.csv</a> · <a href='summary.md'>summary.md</a></p>",
              to_html(summary)]
@@ -198,4 +198,4 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     return out
 
 
-__all__ = ["make_report", "load_study", "summary_frame", "Table"]
+__all__ = ["Table", "load_study", "make_report", "summary_frame"]

@@ -196,6 +196,7 @@ def cost_to_target_frame(trials, metrics, select="val_accuracy", metric="test_ac
             mine = firsts.loc[[r for r in setting["run_ids"] if r in firsts.index]]
             family_runs = firsts[firsts["family"] == setting["family"]]
             rows.append({**dict(zip(problems, problem)), "family": setting["family"],
+                         "variant": setting.get("variant", "default"),
                          "arm": setting["arm"], "batch_size": setting["batch_size"],
                          "lr": setting["lr"], "target": goal,
                          "reached": f"{int(np.isfinite(mine['grad_evals']).sum())}/{len(mine)}",

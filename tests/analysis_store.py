@@ -68,7 +68,8 @@ def _trial_metrics(model, family, lr, batch_size, seed, diverge):
                   "diverged": float(diverge and epoch >= 2)}
         out += [Metric(k, float(v), now, step) for k, v in values.items()]
     for step in (1, steps_per_epoch, EPOCHS * steps_per_epoch):
-        var = 10 ** (-2 + 0.3 * math.log10(step + 1)) / batch_size * {"svrg": 0.5, "adam": 0.8}.get(family, 1)
+        scale = {"svrg": 0.5, "adam": 0.8}.get(family, 1.0)
+        var = scale * 10 ** (-2 + 0.3 * math.log10(step + 1)) / batch_size
         gnorm = 0.5 / math.sqrt(step + 1)
         values = {"var/dir_var": var, "var/dir_nvar": var / gnorm**2, "var/sgd_var": var,
                   "var/sgd_nvar": var / gnorm**2, "var/dir_gnorm": gnorm, "var/bias": 0.0,
@@ -122,3 +123,28 @@ def build_store(root: Path, with_hist: bool = True) -> str:
                             client.log_artifact(rid, str(path))
                         client.set_terminated(rid, "FAILED" if errored else "FINISHED")
     return uri
+
+
+def build_tune_results(storage: Path) -> Path:
+    """A Ray Tune results folder (``<storage>/<study>/<trial>/``) without variance metrics
+    or histograms, for the Tune-only report path. Returns the storage root."""
+    for family, lrs in (("sgd", (0.01, 0.1)), ("adam", (0.003, 0.03))):
+        for lr in lrs:
+            trial = storage / STUDY / f"train_{family}_{lr}"
+            trial.mkdir(parents=True)
+            config = {"model": "mlp", "model_options": {}, "family": family,
+                      "variant": "default", "options": {}, "lr": lr, "batch_size": 32,
+                      "seed": 0, "arm": f"mlp/{family}/default"}
+            (trial / "params.json").write_text(json.dumps(config))
+            ceiling = _ceiling("mlp", family, lr, 32)
+            lines = []
+            for epoch in range(1, EPOCHS + 1):
+                acc = 0.1 + (ceiling - 0.1) * (1 - math.exp(-epoch / 1.2))
+                lines.append({"step": 16 * epoch, "epoch": epoch, "test_accuracy": acc,
+                              "val_accuracy": acc, "train_loss": 2.0 / epoch,
+                              "grad_evals": 512.0 * epoch, "time_s": 0.5 * epoch,
+                              "diverged": 0, "training_iteration": epoch,
+                              "trial_id": trial.name, "config": config,
+                              "done": epoch == EPOCHS})
+            (trial / "result.json").write_text("\n".join(json.dumps(x) for x in lines))
+    return storage

@@ -27,13 +27,18 @@ def synthetic_trials() -> pd.DataFrame:
     diverged seed whose twin scored 0.95 (must not win). adam: lr 1e-3 best (0.86), 1e-2
     within 1 point (0.852), 1e-4 far; one errored trial at 1e-1 (left out of the grid)."""
     rows = [
-        _trial("s1", "sgd", 0.01, 0, 0.70, 0.69, 0.10), _trial("s2", "sgd", 0.01, 1, 0.72, 0.71, 0.12),
-        _trial("s3", "sgd", 0.1, 0, 0.80, 0.78, 0.30), _trial("s4", "sgd", 0.1, 1, 0.84, 0.82, 0.32),
+        _trial("s1", "sgd", 0.01, 0, 0.70, 0.69, 0.10),
+        _trial("s2", "sgd", 0.01, 1, 0.72, 0.71, 0.12),
+        _trial("s3", "sgd", 0.1, 0, 0.80, 0.78, 0.30),
+        _trial("s4", "sgd", 0.1, 1, 0.84, 0.82, 0.32),
         _trial("s5", "sgd", 1.0, 0, NAN, 0.10, NAN, "diverged"),
         _trial("s6", "sgd", 1.0, 1, 0.95, 0.90, 0.50),
-        _trial("a1", "adam", 1e-4, 0, 0.60, 0.60, 0.9), _trial("a2", "adam", 1e-4, 1, 0.62, 0.61, 0.9),
-        _trial("a3", "adam", 1e-3, 0, 0.85, 0.84, 0.2), _trial("a4", "adam", 1e-3, 1, 0.87, 0.88, 0.2),
-        _trial("a5", "adam", 1e-2, 0, 0.849, 0.84, 0.3), _trial("a6", "adam", 1e-2, 1, 0.855, 0.85, 0.3),
+        _trial("a1", "adam", 1e-4, 0, 0.60, 0.60, 0.9),
+        _trial("a2", "adam", 1e-4, 1, 0.62, 0.61, 0.9),
+        _trial("a3", "adam", 1e-3, 0, 0.85, 0.84, 0.2),
+        _trial("a4", "adam", 1e-3, 1, 0.87, 0.88, 0.2),
+        _trial("a5", "adam", 1e-2, 0, 0.849, 0.84, 0.3),
+        _trial("a6", "adam", 1e-2, 1, 0.855, 0.85, 0.3),
         _trial("a7", "adam", 1e-1, 0, NAN, NAN, NAN, "errored"),
     ]
     return pd.DataFrame(rows)
@@ -48,7 +53,8 @@ def synthetic_metrics() -> pd.DataFrame:
     for run_id, accs in curves.items():
         for i, acc in enumerate(accs):
             step = 10 * (i + 1)
-            rows += [(run_id, "test_accuracy", step, acc), (run_id, "grad_evals", step, 320.0 * (i + 1)),
+            rows += [(run_id, "test_accuracy", step, acc),
+                     (run_id, "grad_evals", step, 320.0 * (i + 1)),
                      (run_id, "time_s", step, float(i + 1))]
     for run_id, values in {"s3": [10, 20, 30], "s4": [40, 50, 60]}.items():
         rows += [(run_id, "var/noise_scale", 5 * (k + 1), float(v)) for k, v in enumerate(values)]

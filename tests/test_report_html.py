@@ -12,6 +12,7 @@ import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analysis.report import make_report
@@ -121,7 +122,7 @@ def test_images_load_in_headless_chromium(report, tmp_path):
         done = subprocess.run(
             [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=10000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120)
+            check=False, capture_output=True, text=True, timeout=120)
     finally:
         server.shutdown()
         (out / "_check.html").unlink()
@@ -130,3 +131,18 @@ def test_images_load_in_headless_chromium(report, tmp_path):
     assert int(match.group(1)) == 6
     widths = dict(item.rsplit("=", 1) for item in match.group(2).split(";"))
     assert all(int(w) > 0 for w in widths.values()), widths
+
+
+def test_tune_only_report_says_what_it_could_not_draw(tmp_path):
+    storage = store.build_tune_results(tmp_path / "results")
+    out = make_report(store.STUDY, results_dir=storage, out_dir=tmp_path / "report")
+    md = (out / "index.md").read_text()
+    assert "Ray Tune results" in md
+    for reason in ("no grad_hist.json artifacts available", "no var/dir_var or var/dir_nvar",
+                   "at least 2 problems", "no var/noise_scale metrics"):
+        assert reason in md, reason
+    assert sorted(p.stem for p in (out / "figures").glob("*.png")) == [
+        "learning_curves", "lr_bs_heatmaps", "lr_sensitivity"]
+    summary = pd.read_csv(out / "summary.csv").set_index("family")
+    assert summary.loc["sgd", "best_lr"] == 0.1 and summary.loc["adam", "best_lr"] == 0.003
+    assert (summary["n_diverged"] == 0).all()
