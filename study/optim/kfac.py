@@ -24,14 +24,8 @@ import torch.nn.functional as F
 
 from study.grads.capture import SUPPORTED, capture, layers_with_params
 from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
-from study.optim.kfac_factors import (
-    Eigenbasis,
-    covariance_a,
-    covariance_g,
-    kfac_supported,
-    running_average,
-    sample_labels,
-)
+from study.optim.kfac_factors import (Eigenbasis, a_statistic, g_statistic, kfac_supported,
+                                      running_average, sample_labels)
 from study.optim.registry import register
 
 WEIGHT_DECAY_DELAY = 20
@@ -87,20 +81,17 @@ class KFAC(Optimizer):
         if not self.layers or any(b is None for b in self.bases):
             return Direction(grads, loss, len(batch), {"preconditioned": False})
         with torch.no_grad():
+            rotated = [basis.rotate(grads[iw], None if ib is None else grads[ib])
+                       for basis, (iw, ib) in zip(self.bases, self.slots)]
+            scaled = [r[0] for r in rotated]
+            vg = torch.stack([r[1] for r in rotated]).sum() * self.lr ** 2
+            nu = (self.kl_clip / vg.clamp_min(0)).sqrt().clamp(max=1.0)  # vg = 0 -> 1
+            torch._foreach_mul_(scaled, nu)
             tensors = list(grads)
-            scaled, inner = [], []
-            for basis, (iw, ib) in zip(self.bases, self.slots):
-                v_w, v_b = basis.precondition(grads[iw], grads[ib] if ib is not None else None)
-                tensors[iw] = v_w
-                scaled.append(v_w)
-                inner.append(torch.vdot(v_w.reshape(-1), grads[iw].reshape(-1)))
+            for basis, (iw, ib), r in zip(self.bases, self.slots, scaled):
+                tensors[iw], v_b = basis.unrotate(r, grads[iw].shape)
                 if ib is not None:
                     tensors[ib] = v_b
-                    scaled.append(v_b)
-                    inner.append(torch.vdot(v_b, grads[ib]))
-            vg = (torch.stack(inner).sum() * self.lr ** 2).clamp_min(0)
-            nu = (self.kl_clip / vg).sqrt().clamp(max=1.0)   # vg = 0 -> inf -> 1
-            torch._foreach_mul_(scaled, nu)
         return Direction(tensors, loss, len(batch), {"preconditioned": True, "nu": nu})
 
     def step(self, direction: Direction) -> None:
@@ -115,10 +106,11 @@ class KFAC(Optimizer):
                 Periodic("snapshot", self.t_inv, "iter", self.update_inverses)]
 
     def update_factors(self, ctx: Context) -> int:
-        """One backward of the sampled-label loss on a fresh mini-batch; cost B."""
+        """One backward of the sampled-label loss on a random mini-batch; cost B."""
         gen = ctx.generator
-        n = len(ctx.train)
-        idx = torch.randperm(n, generator=gen, device=gen.device)[:min(ctx.batch_size, n)]
+        # With replacement: a Fisher estimate does not mind, and randperm(N) costs more
+        # than the factors on small models.
+        idx = torch.randint(len(ctx.train), (ctx.batch_size,), generator=gen, device=gen.device)
         batch = ctx.train.batch(idx)
         with capture(self.model, self.layers) as records:
             logits = self.model(batch.x)
@@ -128,9 +120,9 @@ class KFAC(Optimizer):
             for i, layer in enumerate(self.layers):
                 rec = records.records[layer]
                 self.a_factors[i] = running_average(
-                    self.a_factors[i], covariance_a(layer, rec.a), self.stat_decay)
+                    self.a_factors[i], a_statistic(layer, rec.a), self.stat_decay)
                 self.g_factors[i] = running_average(
-                    self.g_factors[i], covariance_g(rec.g, len(batch)), self.stat_decay)
+                    self.g_factors[i], g_statistic(rec.g, len(batch)), self.stat_decay)
         self.factor_updates += 1
         return len(batch)
 

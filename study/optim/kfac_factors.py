@@ -56,22 +56,32 @@ def patches(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows, positions
 
 
-def covariance_a(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """A = Σ ã ãᵀ / (B·T²) (T = 1 for Linear), the reference's input factor."""
+def a_statistic(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(rows, scale) with A = scale·rowsᵀrows = Σ ã ãᵀ / (B·T²) (T = 1 for Linear): the
+    reference divides conv patches by T before the product."""
     rows, positions = patches(module, a)
-    rows = rows / positions
-    return rows.t() @ rows / a.shape[0]
+    return rows, 1.0 / (a.shape[0] * positions ** 2)
+
+
+def g_statistic(g: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float]:
+    """(rows, scale) with G = scale·rowsᵀrows = T·Σ g_n g_nᵀ / B, for ``g`` the gradient of
+    the *mean* loss (so the per-example output gradient is g_n = B·g; the reference scales
+    conv output gradients by T). ``g`` is (B, d_out) or (B, d_out, *positions)."""
+    if g.dim() == 2:
+        return g, float(batch_size)
+    positions = g[0, 0].numel()
+    rows = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+    return rows, float(batch_size * positions)
+
+
+def covariance_a(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    rows, scale = a_statistic(module, a)
+    return rows.t() @ rows * scale
 
 
 def covariance_g(g: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """G = T·Σ g_n gᵀ_n / B for ``g`` the gradient of the *mean* loss (so g_n = B·g).
-
-    ``g`` is (B, d_out) for Linear or (B, d_out, *positions) for Conv.
-    """
-    positions = g[0, 0].numel()
-    rows = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-    rows = rows * (batch_size * positions)
-    return rows.t() @ rows / (batch_size * positions)
+    rows, scale = g_statistic(g, batch_size)
+    return rows.t() @ rows * scale
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -86,20 +96,20 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return labels.clamp_(max=logits.shape[1] - 1)
 
 
-def running_average(mean: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
-    """m ← decay·m + (1−decay)·new, starting from the identity as the reference does."""
+def running_average(mean: torch.Tensor | None, statistic: tuple[torch.Tensor, float],
+                    decay: float) -> torch.Tensor:
+    """m ← decay·m + (1−decay)·scale·rowsᵀrows in place (one fused matmul), starting from
+    the identity as the reference does."""
+    rows, scale = statistic
     if mean is None:
-        mean = torch.eye(new.shape[0], dtype=new.dtype, device=new.device)
-    return mean * decay + new * (1 - decay)
+        mean = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    return mean.mul_(decay).addmm_(rows.t(), rows, alpha=(1 - decay) * scale)
 
 
 @dataclass
 class Eigenbasis:
     """One layer's preconditioner: factor eigenvectors and the precomputed reciprocal of
-    ``d_g d_aᵀ + damping`` (so a direction costs four matmuls and one multiply).
-
-    ``qa_w``/``qa_b`` are Q_a's weight rows and bias row, so ``[W|b]`` is never concatenated.
-    """
+    ``d_g d_aᵀ + damping`` (so a direction costs four matmuls and one multiply)."""
 
     q_g: torch.Tensor
     q_a: torch.Tensor
@@ -119,20 +129,31 @@ class Eigenbasis:
         scale = torch.outer(d_g, d_a).add_(damping).reciprocal_()
         return cls(q_g, q_a, d_g, d_a, scale, has_bias)
 
+    def rotate(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, Σ R∘(Q_gᵀ M Q_a)) with R = (Q_gᵀ M Q_a)/(d_g d_aᵀ + damping), M = [W|b].
+
+        The sum is ⟨V, M⟩ (Q_g, Q_a orthogonal), which the KL clip needs before V exists.
+        """
+        m = weight_grad.reshape(weight_grad.shape[0], -1)
+        if self.has_bias:
+            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
+        rotated = torch.linalg.multi_dot([self.q_g.t(), m, self.q_a])
+        scaled = rotated * self.scale
+        return scaled, torch.vdot(scaled.reshape(-1), rotated.reshape(-1))
+
+    def unrotate(self, scaled: torch.Tensor, weight_shape: torch.Size
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(V_W, V_b): V = Q_g R Q_aᵀ split into the weight (its shape) and bias parts."""
+        v = torch.linalg.multi_dot([self.q_g, scaled, self.q_a.t()])
+        if not self.has_bias:
+            return v.view(weight_shape), None
+        return v[:, :-1].view(weight_shape), v[:, -1]
+
     def precondition(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(V_W, V_b) for the gradient of ``[W|b]`` (weight_grad viewed as (d_out, d_in))."""
-        m = weight_grad.reshape(weight_grad.shape[0], -1)
-        q_a = self.q_a
-        if self.has_bias:
-            rotated = torch.addr(m @ q_a[:-1], bias_grad, q_a[-1])   # [W|b] Q_a
-        else:
-            rotated = m @ q_a
-        inner = (self.q_g.t() @ rotated).mul_(self.scale)
-        back = self.q_g @ inner                                       # Q_g[...], then ·Q_aᵀ
-        v_w = (back @ q_a[:m.shape[1]].t()).view_as(weight_grad)
-        v_b = back @ q_a[-1] if self.has_bias else None
-        return v_w, v_b
+        """(V_W, V_b) for the gradient of ``[W|b]``, without the KL clip."""
+        return self.unrotate(self.rotate(weight_grad, bias_grad)[0], weight_grad.shape)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"q_g": self.q_g.clone(), "q_a": self.q_a.clone(), "d_g": self.d_g.clone(),
