@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                           log_to_mlflow=not args.no_mlflow_log,
                           parent_run_id=args.parent_run_id, tolerance=args.tolerance,
                           target_fraction=args.target_fraction)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # bad option / study not found
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(out / "index.html")

@@ -69,6 +69,11 @@ def _arm_suffix(arm: str) -> str:
     return arm.split("/", 2)[-1] if arm.count("/") >= 2 else arm
 
 
+def arm_label(family: str, suffix: str) -> str:
+    """'sgd (momentum)'; just the family when the variant adds nothing ('default', 'adam')."""
+    return family if suffix in ("default", family) else f"{family} ({suffix})"
+
+
 def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, str]]:
     """(family, variant suffix) -> (colour, linestyle, label): colour by family, line style by
     variant/options, so one legend entry serves every model."""
@@ -76,7 +81,7 @@ def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, st
     for family in sorted(frame["family"].unique(), key=family_order):
         part = frame[frame["family"] == family]
         for i, suffix in enumerate(sorted({_arm_suffix(a) for a in part["arm"]})):
-            label = family if suffix == "default" else f"{family} ({suffix})"
+            label = arm_label(family, suffix)
             styles[(family, suffix)] = (family_color(family), LINESTYLES[i % len(LINESTYLES)],
                                         label)
     return styles
@@ -196,7 +201,7 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
         ax.set_xlabel("batch size (examples)")
         ax.set_ylabel("learning rate (log grid)", fontsize=9)
         suffix = _arm_suffix(arm)
-        title = family if suffix == "default" else f"{family} ({suffix})"
+        title = arm_label(family, suffix)
         ax.set_title(f"{_problem_label((dataset, model))}: {title}", fontsize=10,
                      color=family_color(family))
     for ax in list(axes.flat)[len(panels):]:
@@ -223,7 +228,7 @@ def _family_rows(best: pd.DataFrame, problem: tuple):
 
 def _setting_label(row) -> str:
     suffix = _arm_suffix(row["arm"])
-    name = row["family"] if suffix == "default" else f"{row['family']} ({suffix})"
+    name = arm_label(row["family"], suffix)
     return f"{name}: B={int(row['batch_size'])}, lr={row['lr']:.2g}"
 
 

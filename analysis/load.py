@@ -30,6 +30,10 @@ _TUNE_BOOKKEEPING = {
 _STEP_KEYS = ("step", "iteration", "global_step")
 
 
+class StudyNotFoundError(FileNotFoundError):
+    """The study's runs are not where we looked (no experiment, no sweep, no results)."""
+
+
 def _number(text):
     """Params arrive as strings; keep numbers numeric so grouping and sorting work."""
     if not isinstance(text, str):
@@ -119,11 +123,11 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
-        raise ValueError(f"study {study!r}: no MLflow experiment of that name at "
+        raise StudyNotFoundError(f"study {study!r}: no MLflow experiment of that name at "
                          f"{tracking_uri or 'the default tracking URI'}")
     parent = find_parent_run(client, experiment.experiment_id, parent_run_id)
     if parent is None:
-        raise ValueError(f"study {study!r}: no parent (sweep) run found in the experiment")
+        raise StudyNotFoundError(f"study {study!r}: no parent (sweep) run in the experiment")
     pid = parent.info.run_id
     runs = _search_all(client, experiment.experiment_id, f"tags.mlflow.parentRunId = '{pid}'")
     rows = []
@@ -209,7 +213,7 @@ def load_tune(results_dir: str | Path):
     results_dir = Path(results_dir)
     files = sorted(results_dir.glob("*/result.json"))
     if not files:
-        raise ValueError(f"results folder {results_dir}: no <trial>/result.json files in it")
+        raise StudyNotFoundError(f"results folder {results_dir}: no <trial>/result.json in it")
     rows, points = [], []
     for path in files:
         trial_dir = path.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures, tables
-from analysis.load import download_grad_hist, load_mlflow, load_tune
+from analysis.load import StudyNotFoundError, download_grad_hist, load_mlflow, load_tune
 from analysis.writer import Table, to_html, to_markdown, write_table
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,18 @@ def _tune_folder(results_dir: Path, study: str) -> Path:
     return results_dir
 
 
+def _missing_sqlite(uri: str) -> bool:
+    """Opening a sqlite URI creates the file; never leave an empty store behind."""
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+
+
 def load_study(study, tracking_uri=None, results_dir=None, parent_run_id=None):
+    """MLflow first (it has variance metrics and histograms), Tune's results as fallback."""
     tracking_uri, results_dir = _resolve_source(study, tracking_uri, results_dir)
-    if tracking_uri:
+    if tracking_uri and not (results_dir and _missing_sqlite(tracking_uri)):
         try:
             return load_mlflow(study, tracking_uri, parent_run_id)
-        except ValueError:
+        except StudyNotFoundError:
             if results_dir is None:
                 raise
             log.warning("study %r not in MLflow at %s; reading Tune results", study, tracking_uri)
@@ -175,7 +181,7 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     """Write the study's report folder (default ``reports/<study>``) and return its path."""
     trials, metrics = load_study(study, tracking_uri, results_dir, parent_run_id)
     if trials.empty:
-        raise ValueError(f"study {study!r}: the sweep has no trials to report on")
+        raise StudyNotFoundError(f"study {study!r}: the sweep has no trials to report on")
     out = Path(out_dir or Path("reports") / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
     select = tables.resolve_select(trials, select)

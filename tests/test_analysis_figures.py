@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from analysis import figures, tables
-from analysis.load import download_grad_hist, load_mlflow
+from analysis.load import StudyNotFoundError, download_grad_hist, load_mlflow
 
 _spec = importlib.util.spec_from_file_location(
     "analysis_store", Path(__file__).with_name("analysis_store.py"))
@@ -68,7 +68,7 @@ def test_loader_defaults_to_the_latest_parent_and_accepts_an_explicit_one(study)
     assert len(latest) == 1 and latest.attrs["parent_run_id"] == parents[1]
     first, _ = load_mlflow("two_sweeps", uri, parent_run_id=parents[0])
     assert len(first) == 2
-    with pytest.raises(ValueError, match="no MLflow experiment"):
+    with pytest.raises(StudyNotFoundError, match="no MLflow experiment"):
         load_mlflow("no_such_study", uri)
 
 

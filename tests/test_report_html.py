@@ -146,3 +146,16 @@ def test_tune_only_report_says_what_it_could_not_draw(tmp_path):
     summary = pd.read_csv(out / "summary.csv").set_index("family")
     assert summary.loc["sgd", "best_lr"] == 0.1 and summary.loc["adam", "best_lr"] == 0.003
     assert (summary["n_diverged"] == 0).all()
+
+
+def test_cli_reports_a_missing_study_as_an_error_not_a_traceback(report, tmp_path, capsys):
+    from analysis.__main__ import main
+
+    uri, _ = report
+    assert main(["report", "--study", "no_such_study", "--tracking-uri", uri]) == 2
+    assert "no MLflow experiment" in capsys.readouterr().err
+    missing_db = f"sqlite:///{tmp_path / 'absent.db'}"
+    assert main(["report", "--study", "demo", "--tracking-uri", missing_db,
+                 "--results", str(tmp_path / "empty")]) == 2
+    assert "no <trial>/result.json" in capsys.readouterr().err
+    assert not (tmp_path / "absent.db").exists()  # no empty store left behind
