@@ -149,8 +149,6 @@ def test_statistics_match_naive_float64_reference(family):
     assert got["var/bias"] == pytest.approx(bias, rel=1e-8, abs=1e-14)
     if type(opt).direction is Optimizer.direction:     # the direction IS the gradient
         assert got["var/bias"] == 0.0
-    else:
-        assert got["var/bias"] > 0
 
     ns = naive_noise_scale(torch.cat(fresh_pe))
     for key in ("trace_sigma", "grad_sq_norm", "noise_scale"):
