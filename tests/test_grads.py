@@ -107,18 +107,20 @@ CONV2D = [dict(kernel_size=3), dict(kernel_size=(2, 3), stride=(2, 1), padding=(
 
 @pytest.mark.parametrize("kw", CONV2D)
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv2d(kw, bias):
-    model = nn.Sequential(nn.Conv2d(4, 6, bias=bias, **kw), *head(6, 2))
-    check(model, torch.randn(5, 4, 7, 9), torch.randint(0, 3, (5,)))
+@pytest.mark.parametrize("cin", [4, 16])  # unfold + bmm path, batch-folded grouped path
+def test_conv2d(kw, bias, cin):
+    model = nn.Sequential(nn.Conv2d(cin, 6, bias=bias, **kw), *head(6, 2))
+    check(model, torch.randn(5, cin, 7, 9), torch.randint(0, 3, (5,)))
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3), dict(kernel_size=4, stride=3, padding=2),
                                 dict(kernel_size=3, dilation=2, groups=2),
                                 dict(kernel_size=1, stride=2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv1d(kw, bias):
-    model = nn.Sequential(nn.Conv1d(4, 6, bias=bias, **kw), *head(6, 1))
-    check(model, torch.randn(5, 4, 13), torch.randint(0, 3, (5,)))
+@pytest.mark.parametrize("cin", [4, 16])
+def test_conv1d(kw, bias, cin):
+    model = nn.Sequential(nn.Conv1d(cin, 6, bias=bias, **kw), *head(6, 1))
+    check(model, torch.randn(5, cin, 13), torch.randint(0, 3, (5,)))
 
 
 def test_conv_padding_same_uses_fallback():
@@ -176,6 +178,15 @@ def test_subset_of_params_keeps_order():
     model = MLP(6, [5, 4], 3).double()
     params = [model[5].weight, model[1].bias, model[3].weight]
     check(model, torch.randn(7, 6), torch.randint(0, 3, (7,)), params=params)
+
+
+def test_chunked_materialization_matches(monkeypatch):
+    """Layers too wide for the memory budget are materialized in batch chunks."""
+    import study.grads.layer as layer
+    monkeypatch.setattr(layer, "MATERIALIZE_BUDGET", 700)
+    model = nn.Sequential(nn.Conv2d(16, 6, 3), nn.Conv2d(6, 5, 3), *head(5, 2))
+    check(model, torch.randn(7, 16, 8, 8), torch.randint(0, 3, (7,)))
+    check(Seq(), torch.randn(7, 5, 5), torch.randint(0, 3, (7,)))
 
 
 def test_conv_gram_norms_match_materialized():
