@@ -11,7 +11,7 @@ from study.grads import BatchStats, batch_stats
 from study.grads.conv import conv_plan, conv_stats
 from study.grads.fallback import fallback_stats
 from study.grads.norm import groupnorm_stats
-from study.models import CNN1d, LeNet, MLP, ResNet8
+from study.models import MLP, CNN1d, LeNet, ResNet8
 
 TOL = 1e-6
 
@@ -99,10 +99,10 @@ def head(channels, spatial_dims, classes=3):
     return [nn.Tanh(), pool, nn.Flatten(), nn.Linear(channels, classes)]
 
 
-CONV2D = [dict(kernel_size=3), dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0)),
-          dict(kernel_size=3, dilation=2, padding=2), dict(kernel_size=3, groups=2, stride=2),
-          dict(kernel_size=1, stride=2), dict(kernel_size=1), dict(kernel_size=(1, 3),
-                                                                   groups=2, padding=1)]
+CONV2D = [{"kernel_size": 3}, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (1, 0)},
+          {"kernel_size": 3, "dilation": 2, "padding": 2}, {"kernel_size": 3, "groups": 2, "stride": 2},
+          {"kernel_size": 1, "stride": 2}, {"kernel_size": 1}, {"kernel_size": (1, 3),
+                                                                   "groups": 2, "padding": 1}]
 
 
 @pytest.mark.parametrize("kw", CONV2D)
@@ -113,9 +113,9 @@ def test_conv2d(kw, bias, cin):
     check(model, torch.randn(5, cin, 7, 9), torch.randint(0, 3, (5,)))
 
 
-@pytest.mark.parametrize("kw", [dict(kernel_size=3), dict(kernel_size=4, stride=3, padding=2),
-                                dict(kernel_size=3, dilation=2, groups=2),
-                                dict(kernel_size=1, stride=2)])
+@pytest.mark.parametrize("kw", [{"kernel_size": 3}, {"kernel_size": 4, "stride": 3, "padding": 2},
+                                {"kernel_size": 3, "dilation": 2, "groups": 2},
+                                {"kernel_size": 1, "stride": 2}])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("cin", [4, 16])
 def test_conv1d(kw, bias, cin):
@@ -182,7 +182,7 @@ def test_subset_of_params_keeps_order():
 
 def test_chunked_materialization_matches(monkeypatch):
     """Layers too wide for the memory budget are materialized in batch chunks."""
-    import study.grads.layer as layer
+    from study.grads import layer
     monkeypatch.setattr(layer, "MATERIALIZE_BUDGET", 700)
     model = nn.Sequential(nn.Conv2d(16, 6, 3), nn.Conv2d(6, 5, 3), *head(5, 2))
     check(model, torch.randn(7, 16, 8, 8), torch.randint(0, 3, (7,)))

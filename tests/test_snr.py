@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from study.data import Batch
-from study.models import CNN1d, MLP
+from study.models import MLP, CNN1d
 from study.optim import make_optimizer
 
 

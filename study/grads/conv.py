@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.grads.layer import (LayerStats, batch_chunks, positions_stats, record_materialized,
-                               wants)
-
+from study.grads.layer import LayerStats, batch_chunks, positions_stats, record_materialized, wants
 
 # Channels per group from which the batch-folded grouped weight-gradient beats unfold + bmm.
 # Measured here (CPU, B=128): the unfolded copy dominates for wide inputs (ResNet-8 block 1:

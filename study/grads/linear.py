@@ -34,20 +34,26 @@ def linear_stats(module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
 
 def _flat(out: LayerStats, module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
           wanted: list[torch.Tensor], norms: bool, second_moment: bool) -> None:
+    want_w, want_b = wants(wanted, module.weight), wants(wanted, module.bias)
     need_sq = second_moment or norms
     g2 = g * g if need_sq else None
-    if wants(wanted, module.weight):
+    if want_w:
         out.sums[module.weight] = torch.mm(g.t(), a)
-        if need_sq:
-            a2 = a * a
-            if second_moment:
-                out.sum_sqs[module.weight] = torch.mm(g2.t(), a2)
-            if norms:
-                out.add_norms(g2.sum(1) * a2.sum(1))
-    if wants(wanted, module.bias):
+    if want_b:
         out.sums[module.bias] = g.sum(0)
-        if second_moment:
+    if not need_sq:
+        return
+    a2 = a * a if want_w else None
+    if second_moment:
+        if want_w:
+            out.sum_sqs[module.weight] = torch.mm(g2.t(), a2)
+        if want_b:
             out.sum_sqs[module.bias] = g2.sum(0)
-        if norms:
-            out.add_norms(g2.sum(1))
-
+    if norms:
+        # ||g_n a_nᵀ||² + ||g_n||² = ||g_n||²·(||a_n||² + 1) with a bias
+        g_norms = g2.sum(1)
+        if want_w:
+            a_norms = a2.sum(1)
+            out.add_norms(g_norms * (a_norms + 1) if want_b else g_norms * a_norms)
+        else:
+            out.add_norms(g_norms)

@@ -13,6 +13,8 @@ B gradient evaluations like SGD.
 """
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from study.grads import batch_stats
@@ -38,7 +40,7 @@ def snr_scaled(variant: str, mean: torch.Tensor, var: torch.Tensor, alpha: float
 class SNR(Optimizer):
     family = "snr"
     variants = ("I", "II", "III")
-    options = {"alpha": None, "eps": 1e-5, "momentum": 0.0, "weight_decay": 0.0}
+    options: ClassVar[dict[str, Any]] = {"alpha": None, "eps": 1e-5, "momentum": 0.0, "weight_decay": 0.0}
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)

@@ -17,7 +17,7 @@ gradient in ``extras['raw']``; ``step`` accumulates it and updates.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,7 +44,7 @@ def damp(grad: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
 class WellTempered(Optimizer):
     family = "well_tempered"
     variants = ("epoch", "accumulate")
-    options = {"n": 10, "momentum": 0.0, "weight_decay": 0.0}
+    options: ClassVar[dict[str, Any]] = {"n": 10, "momentum": 0.0, "weight_decay": 0.0}
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
