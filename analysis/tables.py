@@ -107,7 +107,8 @@ def final_accuracy_long(trials: pd.DataFrame, select: str = "val_accuracy") -> p
     runs = trials.set_index("run_id")
     rows = []
     for _, row in best.iterrows():
-        acc = runs.loc[row["run_ids"], "test_accuracy"] if "test_accuracy" in runs else []
+        tuned = pd.notna(row["score"]) and "test_accuracy" in runs  # NaN: every LR diverged
+        acc = runs.loc[row["run_ids"], "test_accuracy"] if tuned else []
         rows.append({**{k: row[k] for k in keys_in(best, PROBLEM_KEYS + ("family", "arm",
                                                                           "batch_size", "lr"))},
                      "mean": float(np.mean(acc)) if len(acc) else np.nan,
@@ -261,7 +262,9 @@ def critical_batch_table(trials, metrics, select="val_accuracy",
                      "b_simple_q25_tuned": mine.quantile(0.25) if len(mine) else np.nan,
                      "b_simple_q75_tuned": mine.quantile(0.75) if len(mine) else np.nan,
                      "b_simple_median_all_runs": fam["value"].median(),
-                     "n_measurements": len(fam), "best_batch_size": setting["batch_size"],
+                     "n_measurements": len(fam),
+                     "best_batch_size": setting["batch_size"] if pd.notna(setting["score"])
+                     else np.nan,
                      "batch_size_grid": " ".join(str(b) for b in grid)})
     return Table("critical_batch_size", title, pd.DataFrame(rows),
                  "Median over training of var/noise_scale = tr(Σ)/|G|² at the tuned setting "

@@ -189,3 +189,10 @@ def test_load_tune_reads_result_json_params_and_error_marker(tmp_path):
     hist = metrics[(metrics["run_id"] == "t1") & (metrics["key"] == "test_accuracy")]
     assert hist["step"].tolist() == [10, 20]
     assert "config" not in set(metrics["key"]) and "training_iteration" not in set(metrics["key"])
+
+
+def test_a_family_whose_every_lr_diverged_has_no_tuned_accuracy():
+    trials = synthetic_trials()
+    trials.loc[trials["family"] == "sgd", "status"] = "diverged"
+    wide = tables.final_accuracy_table(trials).frame
+    assert wide.loc[0, "sgd"] == "–" and wide.loc[0, "adam"] == "86.00 ± 2.83"
