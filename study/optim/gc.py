@@ -53,7 +53,8 @@ CLUSTER_PASS_BATCH = 256
 """Examples per chunk in clustering passes (memory bound, not semantics)."""
 
 ASSIGN_STEP = 16
-"""Examples assigned between updates of the running cluster sizes in a full pass."""
+"""Fewest examples assigned between updates of the running cluster sizes in a full pass;
+the step grows to N/(4·C), so a pass takes O(C) small steps, not O(N)."""
 
 
 def kmeans_pp(dist: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -134,6 +135,10 @@ class GC(Optimizer):
         return StratifiedSampler(self.assignment, batch_size, generator)
 
     def metrics(self) -> dict[str, float]:
+        """``gc/total_distortion``: Σ_i ||g_i − c_k(i)||² over the training set in the last
+        full pass (unweighted, to the centers that pass assigned with; NaN before it);
+        ``gc/nonempty_clusters``: M of the live assignment; ``gc/reinits``: rebalancing
+        moves (batch) or re-seeded clusters (online) so far."""
         nonempty = 0 if self.counts is None else int((self.counts > 0).sum())
         return {"gc/total_distortion": self.total_distortion,
                 "gc/nonempty_clusters": float(nonempty), "gc/reinits": float(self.reinits)}
@@ -142,14 +147,15 @@ class GC(Optimizer):
     def _records(self, batch: Batch) -> list[Record]:
         return layer_records(self.model, self.loss_fn, batch.x, batch.y, self.modules)
 
-    def _assign(self, records: list[Record], sizes: torch.Tensor, running: bool = False):
+    def _assign(self, records: list[Record], sizes: torch.Tensor, step: int | None = None):
         """Weighted assignment argmin_k (N_k + 1)·d_ik, each example's (unweighted) squared
-        distance, and the pooled factors. With ``running``, ``sizes`` are counts so far in a pass and grow
-        every ``ASSIGN_STEP`` examples (Faghri's batch pass accumulates them the same way):
-        weighting every example of a pass by the previous pass's sizes moves whole clusters
+        distance, and the pooled factors. With a ``step``, ``sizes`` are the counts so far
+        in a pass and grow every ``step`` examples (Faghri's batch pass accumulates them
+        too): weighting a whole pass by the previous pass's sizes moves whole clusters
         into the emptiest one at once and oscillates (measured on MNIST-1D)."""
         dist, pooled = distances_and_pooled(records, self.ci, self.co)
-        step = ASSIGN_STEP if running else dist.shape[0]
+        running = step is not None
+        step = step or dist.shape[0]
         choice = torch.empty(dist.shape[0], dtype=torch.long, device=dist.device)
         for start in range(0, dist.shape[0], step):
             part = (dist[start:start + step] * (sizes + 1).to(dist.dtype)[None]).argmin(1)
@@ -173,11 +179,12 @@ class GC(Optimizer):
         """Assign every training example; optionally sum its pooled factors per cluster."""
         c, n = self.nclusters, len(ctx.train)
         running = torch.zeros_like(self.sizes)
+        step = max(ASSIGN_STEP, n // (4 * c))
         assignment = torch.empty(n, dtype=torch.long, device=self.sizes.device)
         distortion = torch.zeros_like(self.distortion)
         sums = [(torch.zeros_like(i), torch.zeros_like(o)) for i, o in zip(self.ci, self.co)]
         for batch in ctx.train.batches(max(CLUSTER_PASS_BATCH, ctx.batch_size)):
-            choice, dist, pooled = self._assign(self._records(batch), running, running=True)
+            choice, dist, pooled = self._assign(self._records(batch), running, step)
             assignment[batch.idx] = choice
             distortion.index_add_(0, choice, dist)
             if accumulate:
