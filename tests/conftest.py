@@ -80,6 +80,12 @@ def mlflow_server(tmp_path):
 
 
 @pytest.fixture
+def unused_port() -> int:
+    """A 127.0.0.1 port nothing listens on (a tracking server that is down)."""
+    return free_port()
+
+
+@pytest.fixture
 def short_tmp():
     """A short folder under /tmp for Ray's session files (Unix socket paths must stay under
     108 characters, which pytest's tmp_path can exceed)."""
