@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _problem_label(problem: tuple) -> str:
     return model if dataset in ("unknown", None) else f"{dataset} / {model}"
 
 
-def _arm_suffix(arm: str) -> str:
+def arm_suffix(arm: str) -> str:
     """'<model>/<family>/<variant>[options]' -> '<variant>[options]' (the same across models)."""
     return arm.split("/", 2)[-1] if arm.count("/") >= 2 else arm
 
@@ -80,7 +81,7 @@ def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, st
     styles = {}
     for family in sorted(frame["family"].unique(), key=family_order):
         part = frame[frame["family"] == family]
-        for i, suffix in enumerate(sorted({_arm_suffix(a) for a in part["arm"]})):
+        for i, suffix in enumerate(sorted({arm_suffix(a) for a in part["arm"]})):
             label = arm_label(family, suffix)
             styles[(family, suffix)] = (family_color(family), LINESTYLES[i % len(LINESTYLES)],
                                         label)
@@ -91,6 +92,22 @@ def _grid(n_rows: int, n_cols: int, panel_h: float = PANEL_H, **kw):
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL_W * n_cols, panel_h * n_rows),
                              squeeze=False, **kw)
     return fig, axes
+
+
+def _plain_log_ticks(ax, axis: str = "y"):
+    """Log-axis ticks as plain numbers ('1.4', not '1.4×10⁰'). Minor ticks are labelled only
+    when the axis spans under a decade, and then only 2, 3, 5 × 10ⁿ unless it spans < 3×
+    (more would collide)."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    span = hi / lo if lo > 0 else np.inf
+
+    def minor(value, _):
+        mantissa = round(value / 10 ** np.floor(np.log10(value)), 6)
+        return f"{value:g}" if span < 3 or mantissa in (2, 3, 5) else ""
+
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(FuncFormatter(minor) if span < 10 else NullFormatter())
 
 
 def _legend_outside(ax):
@@ -127,7 +144,7 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
             cell = data[(data["dataset"] == problem[0]) & (data["model"] == problem[1])
                         & (data["batch_size"] == size)]
             for (family, arm), part in cell.groupby(["family", "arm"]):
-                colour, style, _ = styles[(family, _arm_suffix(arm))]
+                colour, style, _ = styles[(family, arm_suffix(arm))]
                 ok = part[part["status"] != "diverged"].groupby("lr")[metric]
                 stats = ok.agg(["mean", "std"]).reset_index()
                 if len(stats):
@@ -200,7 +217,7 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
         ax.set_yticks(range(len(lrs)), [f"{lr:.1e}" for lr in lrs])
         ax.set_xlabel("batch size (examples)")
         ax.set_ylabel("learning rate (log grid)", fontsize=9)
-        suffix = _arm_suffix(arm)
+        suffix = arm_suffix(arm)
         title = arm_label(family, suffix)
         ax.set_title(f"{_problem_label((dataset, model))}: {title}", fontsize=10,
                      color=family_color(family))
@@ -227,7 +244,7 @@ def _family_rows(best: pd.DataFrame, problem: tuple):
 
 
 def _setting_label(row) -> str:
-    suffix = _arm_suffix(row["arm"])
+    suffix = arm_suffix(row["arm"])
     name = arm_label(row["family"], suffix)
     return f"{name}: B={int(row['batch_size'])}, lr={row['lr']:.2g}"
 
@@ -256,6 +273,7 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
         axes[r, 0].set_ylabel("test accuracy (%)")
         axes[r, 1].set_ylabel("train loss (cross-entropy, log scale)")
         axes[r, 1].set_yscale("log")
+        _plain_log_ticks(axes[r, 1])
         for ax in axes[r]:
             ax.set_xlabel("gradient evaluations (examples)")
             ax.set_title(_problem_label(problem), fontsize=10)
@@ -291,6 +309,7 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
             if log_x:  # measurements are usually log-spaced in iterations
                 ax.set_xscale("log")
             ax.set_xlabel("iteration (optimizer steps" + (", log scale)" if log_x else ")"))
+            _plain_log_ticks(ax)
             ax.set_ylabel(f"{name} (log scale)")
             ax.set_title(f"{_problem_label(problem)}: {key}", fontsize=10)
             ax.grid(True, which="major", alpha=0.3)
@@ -329,7 +348,9 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
     fig, axes = _grid(n_rows, n_cols)
     n_series = 0
     for ax, key in zip(axes.flat, keys):
-        dataset, model, family = key
+        dataset, model, family = key[:3]
+        label = key[3] if len(key) > 3 else family  # e.g. 'sgd (momentum)'
+        lo_hi = []
         by_iter: dict[int, list] = {}
         for entries in hists[key]["layers"].values():
             for e in entries:
@@ -342,14 +363,19 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
             edges, counts = _pooled_histogram(by_iter[it])
             shade = 0.25 + 0.75 * (k + 1) / len(pick)
             colour = 1 - shade * (1 - base)  # light (early) -> full family colour (late)
+            nonzero = np.flatnonzero(counts)
+            if len(nonzero):
+                lo_hi += [edges[nonzero[0]], edges[nonzero[-1] + 1]]
             ax.stairs(np.where(counts > 0, counts, np.nan), 10 ** edges, color=colour,
                       label=f"iteration {it}", lw=1.5)
             n_series += 1
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if lo_hi:  # show the occupied decades, not the whole logged range
+            ax.set_xlim(10 ** (min(lo_hi) - 0.5), 10 ** (max(lo_hi) + 0.5))
         ax.set_xlabel("|gradient entry| (log scale)")
         ax.set_ylabel("number of entries (log scale)")
-        ax.set_title(f"{_problem_label((dataset, model))}: {family}", fontsize=10,
+        ax.set_title(f"{_problem_label((dataset, model))}: {label}", fontsize=10,
                      color=family_color(family))
         ax.legend(fontsize=7, loc="best", framealpha=0.8)
         ax.grid(True, which="major", alpha=0.3)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 METRIC_COLUMNS = ["run_id", "key", "step", "value"]
 _INT_PARAMS = ("batch_size", "seed", "epochs")
 _FLOAT_PARAMS = ("lr",)
+_STUDY_PARAMS = ("dataset", "epochs")
 _TAG_COLUMNS = ("family", "variant", "model", "arm", "trial_id", "status")
 _TUNE_BOOKKEEPING = {
     "config", "training_iteration", "trial_id", "done", "timestamp", "date", "pid",
@@ -132,7 +133,9 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
     runs = _search_all(client, experiment.experiment_id, f"tags.mlflow.parentRunId = '{pid}'")
     rows = []
     for run in runs:
-        row = {k: _number(v) for k, v in run.data.params.items()}
+        # study-wide params (dataset, epochs) may be logged on the parent only
+        row = {k: _number(v) for k, v in parent.data.params.items() if k in _STUDY_PARAMS}
+        row.update({k: _number(v) for k, v in run.data.params.items()})
         for tag in _TAG_COLUMNS:
             if tag in run.data.tags:
                 row[tag] = run.data.tags[tag]

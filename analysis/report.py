@@ -81,7 +81,8 @@ def _grad_hists(trials, best) -> dict[tuple, dict]:
             for run_id in row["run_ids"][:3]:
                 hist = download_grad_hist(uri, run_id, Path(tmp) / run_id)
                 if hist:
-                    found[(row["dataset"], row["model"], row["family"])] = hist
+                    label = figures.arm_label(row["family"], figures.arm_suffix(row["arm"]))
+                    found[(row["dataset"], row["model"], row["family"], label)] = hist
                     break
     return found
 

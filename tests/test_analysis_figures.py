@@ -64,8 +64,10 @@ def test_loader_defaults_to_the_latest_parent_and_accepts_an_explicit_one(study)
                                                  "family": "sgd", "status": "finished"})
             client.log_param(child.info.run_id, "lr", "0.1")
         parents.append(parent.info.run_id)
+    client.log_param(parents[1], "dataset", "mnist1d")  # study-wide: on the parent only
     latest, _ = load_mlflow("two_sweeps", uri)
     assert len(latest) == 1 and latest.attrs["parent_run_id"] == parents[1]
+    assert latest["dataset"].tolist() == ["mnist1d"]
     first, _ = load_mlflow("two_sweeps", uri, parent_run_id=parents[0])
     assert len(first) == 2
     with pytest.raises(StudyNotFoundError, match="no MLflow experiment"):
