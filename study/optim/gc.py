@@ -49,7 +49,7 @@ from study.optim.gc_distance import (
 from study.optim.registry import register
 from study.optim.stratified import StratifiedSampler, cluster_counts, importance_weights
 
-CLUSTER_PASS_BATCH = 256
+CLUSTER_PASS_BATCH = 512
 """Examples per chunk in clustering passes (memory bound, not semantics)."""
 
 ASSIGN_STEP = 16

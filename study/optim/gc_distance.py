@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.grads.capture import capture
 from study.grads.layer import batch_chunks
 
 PLANS = ("factored", "materialize", "mixed")
@@ -33,8 +32,8 @@ PLANS = ("factored", "materialize", "mixed")
 
 @dataclass
 class Factors:
-    """One layer's per-example factors: ``a`` (B, T, I) with the bias 1 appended, ``g``
-    (B, T, O)."""
+    """One layer's per-example factors, channels first as convolutions lay them out (no
+    transposed copies): ``a`` (B, I, T) with the bias 1 appended, ``g`` (B, O, T)."""
 
     a: torch.Tensor
     g: torch.Tensor
@@ -42,7 +41,7 @@ class Factors:
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example factors pooled over positions, the terms center updates average:
         (mean_t a, Σ_t g); exact for Linear, the rank-1 pooling of Faghri's GlusterConv."""
-        return self.a.mean(1), self.g.sum(1)
+        return self.a.mean(2), self.g.sum(2)
 
 
 def check_supported(module: nn.Module) -> None:
@@ -58,8 +57,8 @@ def layer_factors(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> Factor
     """Factors of a captured layer (input ``a``, output gradient ``g``)."""
     batch = a.shape[0]
     if isinstance(module, nn.Linear):
-        a = a.reshape(batch, -1, a.shape[-1])
-        g = g.reshape(batch, -1, g.shape[-1])
+        a = a.reshape(batch, -1, a.shape[-1]).transpose(1, 2)
+        g = g.reshape(batch, -1, g.shape[-1]).transpose(1, 2)
     else:
         check_supported(module)
         kernel, stride, padding, dilation = (module.kernel_size, module.stride,
@@ -68,11 +67,10 @@ def layer_factors(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> Factor
             a, g = a.unsqueeze(2), g.unsqueeze(2)
             kernel, stride = (1, *kernel), (1, *stride)
             padding, dilation = (0, *padding), (1, *dilation)
-        a = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-        a = a.transpose(1, 2)                                  # (B, T, Cin·k)
-        g = g.reshape(batch, g.shape[1], -1).transpose(1, 2)   # (B, T, Cout)
+        a = unfold(a, kernel, stride, padding, dilation)                            # (B, I, T)
+        g = g.reshape(batch, g.shape[1], -1)                                         # (B, O, T)
     if module.bias is not None:
-        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        a = torch.cat([a, a.new_ones(batch, 1, a.shape[2])], dim=1)
     return Factors(a, g)
 
 
@@ -83,12 +81,35 @@ def layer_records(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
                   modules: list[nn.Module]) -> list[Record]:
     """(module, input, output gradient) of every module for a batch: one forward and one
     backward of Σ_i loss_i (per-example losses, so each example's factors belong to its own,
-    unscaled loss)."""
-    params = [p for m in modules for p in m.parameters(recurse=False) if p.requires_grad]
-    with torch.enable_grad(), capture(model, modules) as cap:
-        losses = loss_fn(model(x), y)
-        torch.autograd.grad(losses.sum(), params)
-    return [(r.module, r.a, r.g) for r in cap]
+    unscaled loss). The backward asks for the gradients of the layer outputs only, so no
+    weight gradient is computed."""
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module, inputs, output):
+        if module in seen:
+            raise ValueError(f"gc: {module} is called more than once per forward")
+        seen[module] = (inputs[0].detach(), output)
+
+    handles = [m.register_forward_hook(record) for m in modules]
+    try:
+        with torch.enable_grad():
+            losses = loss_fn(model(x), y)
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(losses.sum(), [seen[m][1] for m in modules])
+    return [(m, seen[m][0], g) for m, g in zip(modules, grads)]
+
+
+def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``F.unfold`` (B, C·kh·kw, H'·W'). Without dilation it is built from strided views and
+    one copy: the CPU ``im2col`` loops over examples (measured ~30% of a Conv1d pass)."""
+    if tuple(dilation) != (1, 1):
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    patches = x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
+    b, c, h, w = patches.shape[:4]                 # (B, C, H', W', kh, kw)
+    return patches.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kernel[0] * kernel[1], h * w)
 
 
 def example_factors(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
@@ -115,8 +136,8 @@ def choose_plan(batch: int, positions: int, d_in: int, d_out: int, centers: int)
 def sq_distances(f: Factors, ci: torch.Tensor, co: torch.Tensor,
                  plan: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(D, GG): D[i, c] = ||g_i − co_c ⊗ ci_c||² (B, C) and GG[i] = ||g_i||² (B,)."""
-    batch, positions, d_in = f.a.shape
-    d_out = f.g.shape[2]
+    batch, d_in, positions = f.a.shape
+    d_out = f.g.shape[1]
     plan = plan or choose_plan(batch, positions, d_in, d_out, ci.shape[0])
     if plan not in PLANS:
         raise ValueError(f"gc: unknown distance plan {plan!r}; choose from {list(PLANS)}")
@@ -126,14 +147,14 @@ def sq_distances(f: Factors, ci: torch.Tensor, co: torch.Tensor,
         if positions == 1:
             gg = (f.a * f.a).sum((1, 2)) * (f.g * f.g).sum((1, 2))
         else:
-            gram_a = torch.bmm(f.a, f.a.transpose(1, 2))
-            gram_g = torch.bmm(f.g, f.g.transpose(1, 2))
+            gram_a = torch.bmm(f.a.transpose(1, 2), f.a)
+            gram_g = torch.bmm(f.g.transpose(1, 2), f.g)
             gg = (gram_a * gram_g).sum((1, 2))
     else:
         cg = _factored_cg(f, ci, co) if plan == "mixed" else None
         gg_parts, cg_parts = [], []
         for part in batch_chunks(batch, d_in * d_out):
-            grads = torch.bmm(f.g[part].transpose(1, 2), f.a[part])  # (b, O, I)
+            grads = torch.bmm(f.g[part], f.a[part].transpose(1, 2))  # (b, O, I)
             gg_parts.append((grads * grads).sum((1, 2)))
             if cg is None:
                 cg_parts.append((torch.matmul(grads, ci.T) * co.T).sum(1))        # (b, C)
@@ -144,8 +165,10 @@ def sq_distances(f: Factors, ci: torch.Tensor, co: torch.Tensor,
 
 def _factored_cg(f: Factors, ci: torch.Tensor, co: torch.Tensor) -> torch.Tensor:
     """Σ_t (ci·a_t)(co·g_t), in batch chunks so the (b, T, C) projections stay bounded."""
-    batch, positions = f.a.shape[:2]
-    return torch.cat([(torch.matmul(f.a[part], ci.T) * torch.matmul(f.g[part], co.T)).sum(1)
+    batch, positions = f.a.shape[0], f.a.shape[2]
+    if positions == 1:   # Linear: two plain GEMMs, not B batched matrix-vector products
+        return (f.a[:, :, 0] @ ci.T) * (f.g[:, :, 0] @ co.T)
+    return torch.cat([(torch.matmul(ci, f.a[part]) * torch.matmul(co, f.g[part])).sum(2)
                       for part in batch_chunks(batch, positions * ci.shape[0])])
 
 
