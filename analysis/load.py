@@ -29,6 +29,7 @@ _TUNE_BOOKKEEPING = {
     "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint", "experiment_tag",
 }
 _STEP_KEYS = ("step", "iteration", "global_step")
+_NAME_KEYS = ("arm", "family", "variant", "model", "dataset")
 
 
 class StudyNotFoundError(FileNotFoundError):
@@ -139,7 +140,7 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
         for tag in _TAG_COLUMNS:
             if tag in run.data.tags:
                 row[tag] = run.data.tags[tag]
-        row.update(run.data.metrics)
+        _add_finals(row, run.data.metrics, configured=set(run.data.params))
         if run.info.status in ("FAILED", "KILLED") and row.get("status") == "running":
             row["status"] = "errored"
         row["run_id"] = run.info.run_id
@@ -189,10 +190,23 @@ def _read_result_lines(path: Path) -> list[dict]:
     return rows
 
 
+def _add_finals(row: dict, finals: dict, configured: set) -> None:
+    """Final metric values; a metric named like a config param (``lr``, possibly scheduled)
+    goes to ``<name>_final`` so the configured value stays the one trials are grouped by."""
+    for key, value in finals.items():
+        row[f"{key}_final" if key in configured else key] = value
+
+
 def _flatten_config(config: dict) -> dict:
-    """Tune's config (params.json) in the same column names as the MLflow params."""
+    """Tune's config (params.json) in the same column names as the MLflow params. Grid
+    configs nest the trial under ``trial``; Optuna's name the LR ``lr[<family>]``."""
+    if isinstance(config.get("trial"), dict):
+        config = config["trial"]
     row = {}
     for key, value in config.items():
+        if key.startswith("lr[") and key.endswith("]"):
+            row["lr"] = value
+            continue
         if key == "options" and isinstance(value, dict):
             row.update({f"opt.{k}": v for k, v in value.items()})
         elif key == "model_options" and isinstance(value, dict):
@@ -200,6 +214,14 @@ def _flatten_config(config: dict) -> dict:
         elif not isinstance(value, (dict, list)):
             row[key] = value
     return row
+
+
+def _names_from_arm(row: dict) -> None:
+    """'<model>/<family>/<variant>...' fills model/family/variant a config did not carry."""
+    parts = str(row.get("arm", "")).split("/", 2)
+    if len(parts) == 3:
+        for key, value in zip(("model", "family", "variant"), parts):
+            row.setdefault(key, value)
 
 
 def _tune_status(trial_dir: Path, results: list[dict]) -> str:
@@ -228,17 +250,22 @@ def load_tune(results_dir: str | Path):
             config = results[0].get("config", {}) if results else {}
         run_id = (results[0].get("trial_id") if results else None) or trial_dir.name
         row = _flatten_config(config)
+        configured, finals = set(row), {}
         for i, result in enumerate(results):
             step = next((result[k] for k in _STEP_KEYS if k in result),
                         result.get("training_iteration", i + 1))
             for key, value in result.items():
                 if key in _TUNE_BOOKKEEPING or key in _STEP_KEYS:
                     continue
+                if isinstance(value, str) and key in _NAME_KEYS:  # arm/family of Optuna trials
+                    row.setdefault(key, value)
                 if isinstance(value, bool):
                     value = float(value)
                 if isinstance(value, (int, float)):  # NaN kept: a diverged loss is a result
                     points.append((run_id, key, step, float(value)))
-                    row[key] = float(value)
+                    finals[key] = float(value)
+        _add_finals(row, finals, configured)
+        _names_from_arm(row)
         row.update(run_id=run_id, trial_id=run_id, status=_tune_status(trial_dir, results))
         rows.append(row)
     trials = _normalise_trials(pd.DataFrame(rows))

@@ -164,7 +164,7 @@ def test_writer_writes_csv_markdown_latex(tmp_path):
     assert r"sgd\_x & not reached & 80.00 $\pm$ 2.83 \\" in tex and r"\toprule" in tex
 
 
-def test_load_tune_reads_result_json_params_and_error_marker(tmp_path):
+def test_load_tune_reads_grid_and_optuna_configs_results_and_error_marker(tmp_path):
     study = tmp_path / "demo"
     for name, lr, diverged, error in (("t1", 0.1, 0, False), ("t2", 1.0, 1, False),
                                       ("t3", 0.01, 0, True)):
@@ -173,10 +173,15 @@ def test_load_tune_reads_result_json_params_and_error_marker(tmp_path):
         config = {"model": "mlp", "model_options": {"width": 8}, "family": "sgd",
                   "variant": "default", "options": {"momentum": 0.9}, "lr": lr,
                   "batch_size": 32, "seed": 0, "arm": "mlp/sgd/default"}
+        if name == "t2":  # Optuna: the arm by name, the LR per family
+            config = {"arm": "mlp/sgd/default", "lr[sgd]": lr, "batch_size": 32, "seed": 0}
+        else:  # grid search: the whole trial under "trial"
+            config = {"trial": config}
         (trial / "params.json").write_text(json.dumps(config))
-        lines = [{"step": 10 * i, "test_accuracy": 0.5 + 0.1 * i, "train_loss": 1.0 / i,
-                  "diverged": diverged if i == 2 else 0, "training_iteration": i,
-                  "trial_id": name, "config": config, "done": i == 2} for i in (1, 2)]
+        lines = [{"iteration": 10 * i, "test_accuracy": 0.5 + 0.1 * i, "train_loss": 1.0 / i,
+                  "lr": lr / i, "diverged": diverged if i == 2 else 0, "arm": "mlp/sgd/default",
+                  "family": "sgd", "training_iteration": i, "trial_id": name,
+                  "config": config, "done": i == 2} for i in (1, 2)]
         (trial / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
         if error:
             (trial / "error.txt").write_text("boom")
@@ -186,9 +191,13 @@ def test_load_tune_reads_result_json_params_and_error_marker(tmp_path):
     assert trials.loc["t3", "status"] == "errored"
     assert trials.loc["t1", "opt.momentum"] == 0.9 and trials.loc["t1", "model.width"] == 8
     assert trials.loc["t1", "test_accuracy"] == pytest.approx(0.7)
+    assert trials.loc["t2", ["model", "family", "variant"]].tolist() == ["mlp", "sgd", "default"]
+    # the configured LR groups trials; the logged (scheduled) LR is kept beside it
+    assert trials["lr"].tolist() == [0.1, 1.0, 0.01]
+    assert trials.loc["t2", "lr_final"] == 0.5
     hist = metrics[(metrics["run_id"] == "t1") & (metrics["key"] == "test_accuracy")]
     assert hist["step"].tolist() == [10, 20]
-    assert "config" not in set(metrics["key"]) and "training_iteration" not in set(metrics["key"])
+    assert not {"config", "training_iteration", "arm"} & set(metrics["key"])
 
 
 def test_a_family_whose_every_lr_diverged_has_no_tuned_accuracy():
