@@ -53,6 +53,8 @@ MODELS = {
     "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
                                      nn.Conv2d(3, 2, 2, dilation=2, bias=False), nn.Tanh(),
                                      nn.Flatten(), nn.Linear(2 * 1 * 2, 3)), (2, 5, 7)),
+    "conv2d_1x1": (lambda: nn.Sequential(nn.Conv2d(2, 3, 1, stride=2, bias=False), nn.Tanh(),
+                                         nn.Flatten(), nn.Linear(3 * 3 * 2, 3)), (2, 5, 4)),
 }
 
 
@@ -226,7 +228,9 @@ def test_direction_changes_no_state():
                                      nclusters=4)
     before, weights = state_tensors(opt), copy.deepcopy(model.state_dict())
     batch = train.batch(torch.arange(0, 200, 25))
+    rng = torch.get_rng_state()
     d1, d2 = opt.direction(batch), opt.direction(batch)
+    assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(a, b) for a, b in zip(d1.tensors, d2.tensors))
     assert d1.grad_evals == 8
     for a, b in zip(before, state_tensors(opt)):
