@@ -1,130 +1,39 @@
 """Report figures (matplotlib Agg, PNG). Each function returns a ``FigureResult``: the path it
 wrote (None, with the reason, when there is nothing to draw) and counts of what it drew, so
-tests can check a figure without looking at pixels. One fixed colour per family everywhere.
+tests can check a figure without looking at pixels. One fixed colour per family everywhere
+(``analysis.style``).
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
-log = logging.getLogger(__name__)
+from analysis.style import (
+    FAMILY_COLORS,
+    PANEL_H,
+    FigureResult,
+    arm_label,
+    arm_styles,
+    arm_suffix,
+    family_color,
+    family_order,
+    legend_outside,
+    legend_right,
+    panel_grid,
+    plain_log_ticks,
+    problem_label,
+    problems_of,
+    save_png,
+    skipped,
+)
 
-FAMILY_COLORS = {"sgd": "#1f77b4", "adam": "#ff7f0e", "snr": "#2ca02c",
-                 "well_tempered": "#d62728", "kfac": "#9467bd", "svrg": "#8c564b",
-                 "gc": "#e377c2"}
-_SPARE_COLORS = ("#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939")
-LINESTYLES = ("-", "--", ":", "-.")
-PANEL_W, PANEL_H, DPI = 4.2, 3.2, 120
-
-
-def family_order(family: str) -> tuple:
-    """Sort key: the project's family order first (as in FAMILY_COLORS), then by name."""
-    order = list(FAMILY_COLORS)
-    return (order.index(family) if family in order else len(order), family)
-
-
-def family_color(family: str) -> str:
-    """Fixed colour of a family; families outside the dict get a stable spare colour."""
-    if family in FAMILY_COLORS:
-        return FAMILY_COLORS[family]
-    return _SPARE_COLORS[sum(map(ord, family)) % len(_SPARE_COLORS)]
-
-
-@dataclass
-class FigureResult:
-    path: Path | None
-    reason: str = ""
-    n_panels: int = 0
-    n_series: int = 0
-    n_cells: int = 0
-    n_marked: int = 0
-
-
-def skipped(reason: str) -> FigureResult:
-    log.info("figure skipped: %s", reason)
-    return FigureResult(None, reason)
-
-
-def _problems(frame: pd.DataFrame) -> list[tuple]:
-    return sorted(frame[["dataset", "model"]].drop_duplicates().itertuples(index=False, name=None))
-
-
-def _problem_label(problem: tuple) -> str:
-    dataset, model = problem
-    return model if dataset in ("unknown", None) else f"{dataset} / {model}"
-
-
-def arm_suffix(arm: str) -> str:
-    """'<model>/<family>/<variant>[options]' -> '<variant>[options]' (the same across models)."""
-    return arm.split("/", 2)[-1] if arm.count("/") >= 2 else arm
-
-
-def arm_label(family: str, suffix: str) -> str:
-    """'sgd (momentum)'; just the family when the variant adds nothing ('default', 'adam')."""
-    return family if suffix in ("default", family) else f"{family} ({suffix})"
-
-
-def _arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, str]]:
-    """(family, variant suffix) -> (colour, linestyle, label): colour by family, line style by
-    variant/options, so one legend entry serves every model."""
-    styles = {}
-    for family in sorted(frame["family"].unique(), key=family_order):
-        part = frame[frame["family"] == family]
-        for i, suffix in enumerate(sorted({arm_suffix(a) for a in part["arm"]})):
-            label = arm_label(family, suffix)
-            styles[(family, suffix)] = (family_color(family), LINESTYLES[i % len(LINESTYLES)],
-                                        label)
-    return styles
-
-
-def _grid(n_rows: int, n_cols: int, panel_h: float = PANEL_H, **kw):
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL_W * n_cols, panel_h * n_rows),
-                             squeeze=False, **kw)
-    return fig, axes
-
-
-def _plain_log_ticks(ax, axis: str = "y"):
-    """Log-axis ticks as plain numbers ('1.4', not '1.4×10⁰'). Minor ticks are labelled only
-    when the axis spans under a decade, and then only 2, 3, 5 × 10ⁿ unless it spans < 3×
-    (more would collide)."""
-    target = ax.yaxis if axis == "y" else ax.xaxis
-    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
-    span = hi / lo if lo > 0 else np.inf
-
-    def minor(value, _):
-        mantissa = round(value / 10 ** np.floor(np.log10(value)), 6)
-        return f"{value:g}" if span < 3 or mantissa in (2, 3, 5) else ""
-
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    target.set_minor_formatter(FuncFormatter(minor) if span < 10 else NullFormatter())
-
-
-def _legend_outside(ax):
-    """Legend right of the panel, so that it never hides a curve."""
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-
-
-def _save(fig, out_dir: Path, name: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _legend_right(fig, handles, labels):
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+__all__ = ["FAMILY_COLORS", "FigureResult", "arm_label", "arm_suffix", "family_color",
+           "grad_histograms", "learning_curves", "lr_bs_heatmaps", "lr_sensitivity",
+           "performance_profiles", "profile_curve", "profile_score", "variance_curves"]
 
 
 def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
@@ -134,9 +43,9 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
     if metric not in trials.columns or trials[metric].notna().sum() == 0:
         return skipped(f"no {metric} logged")
     data = trials[trials["status"] != "errored"]
-    problems, sizes = _problems(data), sorted(data["batch_size"].dropna().unique())
-    styles = _arm_styles(data)
-    fig, axes = _grid(len(problems), len(sizes), sharey="row")
+    problems, sizes = problems_of(data), sorted(data["batch_size"].dropna().unique())
+    styles = arm_styles(data)
+    fig, axes = panel_grid(len(problems), len(sizes), sharey="row")
     n_series = n_marked = 0
     for r, problem in enumerate(problems):
         for c, size in enumerate(sizes):
@@ -157,7 +66,7 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
                     ax.scatter(bad["lr"], y, marker="x", s=60, color=colour, zorder=5)
                     n_marked += len(bad)
             ax.set_xscale("log")
-            ax.set_title(f"{_problem_label(problem)}, batch size {int(size)}", fontsize=10)
+            ax.set_title(f"{problem_label(problem)}, batch size {int(size)}", fontsize=10)
             ax.set_xlabel("learning rate (log scale)")
             if c == 0:
                 ax.set_ylabel(f"final {metric.replace('_', ' ')} (%)")
@@ -166,9 +75,9 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
     labels = [lab for _, _, lab in styles.values()]
     handles.append(Line2D([], [], color="k", marker="x", ls="none"))
     labels.append("diverged trial")
-    _legend_right(fig, handles, labels)
+    legend_right(fig, handles, labels)
     fig.tight_layout()
-    return FigureResult(_save(fig, Path(out_dir), "lr_sensitivity"), n_panels=axes.size,
+    return FigureResult(save_png(fig, Path(out_dir), "lr_sensitivity"), n_panels=axes.size,
                         n_series=n_series, n_marked=n_marked)
 
 
@@ -187,7 +96,7 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
     n_rows = -(-len(panels) // n_cols)
     most_lrs = max(trials.groupby(["dataset", "model", "arm"])["lr"].nunique())
     panel_h = max(PANEL_H, 0.22 * most_lrs + 1.2)  # a 36-point DeepOBS grid stays legible
-    fig, axes = _grid(n_rows, n_cols, panel_h=panel_h, layout="constrained")
+    fig, axes = panel_grid(n_rows, n_cols, panel_h=panel_h, layout="constrained")
     n_cells = 0
     image = None
     for ax, (dataset, model, arm, family) in zip(axes.flat, panels):
@@ -219,14 +128,14 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
         ax.set_ylabel("learning rate (log grid)", fontsize=9)
         suffix = arm_suffix(arm)
         title = arm_label(family, suffix)
-        ax.set_title(f"{_problem_label((dataset, model))}: {title}", fontsize=10,
+        ax.set_title(f"{problem_label((dataset, model))}: {title}", fontsize=10,
                      color=family_color(family))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
                      label=f"final {metric.replace('_', ' ')} (%)")
-    return FigureResult(_save(fig, Path(out_dir), "lr_bs_heatmaps"), n_panels=len(panels),
+    return FigureResult(save_png(fig, Path(out_dir), "lr_bs_heatmaps"), n_panels=len(panels),
                         n_cells=n_cells)
 
 
@@ -255,8 +164,8 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     wanted = ["grad_evals", "test_accuracy", "train_loss"]
     if best.empty or metrics.empty or "grad_evals" not in set(metrics["key"]):
         return skipped("no grad_evals history to plot learning curves against")
-    problems = _problems(best)
-    fig, axes = _grid(len(problems), 2)
+    problems = problems_of(best)
+    fig, axes = panel_grid(len(problems), 2)
     n_series = 0
     for r, problem in enumerate(problems):
         for _, row in _family_rows(best, problem):
@@ -273,14 +182,14 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
         axes[r, 0].set_ylabel("test accuracy (%)")
         axes[r, 1].set_ylabel("train loss (cross-entropy, log scale)")
         axes[r, 1].set_yscale("log")
-        _plain_log_ticks(axes[r, 1])
+        plain_log_ticks(axes[r, 1])
         for ax in axes[r]:
             ax.set_xlabel("gradient evaluations (examples)")
-            ax.set_title(_problem_label(problem), fontsize=10)
+            ax.set_title(problem_label(problem), fontsize=10)
             ax.grid(True, alpha=0.3)
-        _legend_outside(axes[r, 1])
+        legend_outside(axes[r, 1])
     fig.tight_layout()
-    return FigureResult(_save(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
+    return FigureResult(save_png(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
                         n_series=n_series)
 
 
@@ -290,8 +199,8 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     keys = {"var/dir_var": "direction variance", "var/dir_nvar": "normalized variance"}
     if best.empty or metrics.empty or not set(keys) & set(metrics["key"]):
         return skipped("no var/dir_var or var/dir_nvar metrics recorded")
-    problems = _problems(best)
-    fig, axes = _grid(len(problems), 2)
+    problems = problems_of(best)
+    fig, axes = panel_grid(len(problems), 2)
     n_series = 0
     for r, problem in enumerate(problems):
         for _, row in _family_rows(best, problem):
@@ -309,13 +218,13 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
             if log_x:  # measurements are usually log-spaced in iterations
                 ax.set_xscale("log")
             ax.set_xlabel("iteration (optimizer steps" + (", log scale)" if log_x else ")"))
-            _plain_log_ticks(ax)
+            plain_log_ticks(ax)
             ax.set_ylabel(f"{name} (log scale)")
-            ax.set_title(f"{_problem_label(problem)}: {key}", fontsize=10)
+            ax.set_title(f"{problem_label(problem)}: {key}", fontsize=10)
             ax.grid(True, which="major", alpha=0.3)
-        _legend_outside(axes[r, 1])
+        legend_outside(axes[r, 1])
     fig.tight_layout()
-    return FigureResult(_save(fig, Path(out_dir), "variance"), n_panels=axes.size,
+    return FigureResult(save_png(fig, Path(out_dir), "variance"), n_panels=axes.size,
                         n_series=n_series)
 
 
@@ -345,7 +254,7 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
     keys = sorted(hists)
     n_cols = min(3, len(keys))
     n_rows = -(-len(keys) // n_cols)
-    fig, axes = _grid(n_rows, n_cols)
+    fig, axes = panel_grid(n_rows, n_cols)
     n_series = 0
     for ax, key in zip(axes.flat, keys):
         dataset, model, family = key[:3]
@@ -375,14 +284,14 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
             ax.set_xlim(10 ** (min(lo_hi) - 0.5), 10 ** (max(lo_hi) + 0.5))
         ax.set_xlabel("|gradient entry| (log scale)")
         ax.set_ylabel("number of entries (log scale)")
-        ax.set_title(f"{_problem_label((dataset, model))}: {label}", fontsize=10,
+        ax.set_title(f"{problem_label((dataset, model))}: {label}", fontsize=10,
                      color=family_color(family))
         ax.legend(fontsize=7, loc="best", framealpha=0.8)
         ax.grid(True, which="major", alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    return FigureResult(_save(fig, Path(out_dir), "grad_histograms"), n_panels=len(keys),
+    return FigureResult(save_png(fig, Path(out_dir), "grad_histograms"), n_panels=len(keys),
                         n_series=n_series)
 
 
@@ -409,7 +318,7 @@ def performance_profiles(cost: pd.DataFrame, out_dir: Path, r_max: float = 4.0) 
     if cost["problem"].nunique() < 2:
         return skipped("performance profiles need at least 2 problems (dataset × model)")
     taus = np.linspace(1.0, r_max, 301)
-    fig, axes = _grid(1, 2, panel_h=PANEL_H + 1.0, layout="constrained")
+    fig, axes = panel_grid(1, 2, panel_h=PANEL_H + 1.0, layout="constrained")
     n_series = 0
     for ax, col, unit in ((axes[0, 0], "grad_evals_to_target", "gradient evaluations"),
                           (axes[0, 1], "time_s_to_target", "wall-clock seconds")):
@@ -429,5 +338,5 @@ def performance_profiles(cost: pd.DataFrame, out_dir: Path, r_max: float = 4.0) 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
                   frameon=False)  # below the axes: ρ curves fill the panel
-    return FigureResult(_save(fig, Path(out_dir), "performance_profiles"), n_panels=2,
+    return FigureResult(save_png(fig, Path(out_dir), "performance_profiles"), n_panels=2,
                         n_series=n_series)
