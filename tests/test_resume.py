@@ -8,6 +8,7 @@ trial must appear once in MLflow under the sweep's one parent run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -202,7 +203,7 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
         assert [int(v) for _, v, _ in history] == list(range(1, EPOCHS + 1))
         reported = store.reported_epochs(t)
         assert reported[-1] == EPOCHS and reported[0] == 1
-        restarts = [b for a, b in zip(reported, reported[1:]) if b <= a]
+        restarts = [b for a, b in itertools.pairwise(reported) if b <= a]
         if stop == "sigint":   # Tune saved the exact state on Ctrl-C: no epoch is repeated
             assert reported == list(range(1, EPOCHS + 1)), reported
         # continued from a checkpoint, never from epoch 0 again
