@@ -99,6 +99,16 @@ def head(channels, spatial_dims, classes=3):
     return [nn.Tanh(), pool, nn.Flatten(), nn.Linear(channels, classes)]
 
 
+def force_path(monkeypatch, path):
+    """Route every convolution through one way of materializing per-example gradients
+    (grouped weight-gradient convolution, or unfold + bmm one example at a time)."""
+    from study.grads import conv
+    limit = 1 if path == "grouped" else 10 ** 9
+    monkeypatch.setattr(conv, "GROUPED_MIN_CHANNELS", limit)
+    monkeypatch.setattr(conv, "GROUPED_MIN_POSITIONS", limit)
+    monkeypatch.setattr(conv, "UNFOLD_CHUNK", 1)
+
+
 CONV2D = [{"kernel_size": 3}, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (1, 0)},
           {"kernel_size": 3, "dilation": 2, "padding": 2}, {"kernel_size": 3, "groups": 2, "stride": 2},
           {"kernel_size": 1, "stride": 2}, {"kernel_size": 1}, {"kernel_size": (1, 3),
@@ -107,8 +117,10 @@ CONV2D = [{"kernel_size": 3}, {"kernel_size": (2, 3), "stride": (2, 1), "padding
 
 @pytest.mark.parametrize("kw", CONV2D)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("cin", [4, 16])  # unfold + bmm path, batch-folded grouped path
-def test_conv2d(kw, bias, cin):
+@pytest.mark.parametrize("cin", [4, 16])
+@pytest.mark.parametrize("path", ["grouped", "unfold"])
+def test_conv2d(kw, bias, cin, path, monkeypatch):
+    force_path(monkeypatch, path)
     model = nn.Sequential(nn.Conv2d(cin, 6, bias=bias, **kw), *head(6, 2))
     check(model, torch.randn(5, cin, 7, 9), torch.randint(0, 3, (5,)))
 
@@ -118,7 +130,9 @@ def test_conv2d(kw, bias, cin):
                                 {"kernel_size": 1, "stride": 2}])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("cin", [4, 16])
-def test_conv1d(kw, bias, cin):
+@pytest.mark.parametrize("path", ["grouped", "unfold"])
+def test_conv1d(kw, bias, cin, path, monkeypatch):
+    force_path(monkeypatch, path)
     model = nn.Sequential(nn.Conv1d(cin, 6, bias=bias, **kw), *head(6, 1))
     check(model, torch.randn(5, cin, 13), torch.randint(0, 3, (5,)))
 

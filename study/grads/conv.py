@@ -4,9 +4,9 @@ The unfolded input A_n (Cin·k, T) and the output gradient G_n (Cout, T) give th
 weight gradient G_n A_nᵀ (per group). Its elementwise square does not factorize, so the
 second moment needs it materialized: the multiply-adds of the weight-gradient backward it
 replaces, plus a square and two reductions. Two ways to materialize it:
-- with ≥ GROUPED_MIN_CHANNELS input channels per group: one weight-gradient convolution with
-  the batch folded into the groups (no unfolded copy of the input);
-- otherwise: F.unfold + one batched matmul (the unfolded copy is small for few channels).
+- many channels and positions: one weight-gradient convolution with the batch folded into
+  the groups (no unfolded copy of the input);
+- otherwise: unfold + batched matmul, a few examples at a time (see the timings below).
 
 Cost estimate that picks the form per layer (multiply-adds, B examples, per group O×K
 weights, T output positions):
@@ -15,7 +15,7 @@ weights, T output positions):
   B·T²·(O+K+1) for the two T×T Gram matrices and their product.
 Gram wins only when T²·(O+K+1) < 2·O·K (few positions, wide layers) and the second moment is
 not wanted; with the second moment (the default) the materialized form is always needed.
-Conv1d is treated as Conv2d with height 1; 1×1 convolutions without padding skip the unfold.
+Conv1d is treated as Conv2d with height 1; the unfold is a strided view plus one copy.
 """
 from __future__ import annotations
 
@@ -25,11 +25,21 @@ from torch import nn
 
 from study.grads.layer import LayerStats, batch_chunks, positions_stats, record_materialized, wants
 
-# Channels per group from which the batch-folded grouped weight-gradient beats unfold + bmm.
-# Measured here (CPU, B=128): the unfolded copy dominates for wide inputs (ResNet-8 block 1:
-# unfold+bmm 147 ms vs grouped 17 ms) while oneDNN's grouped kernel is slow for 1-3 input
-# channels (LeNet conv1: unfold+bmm 3 ms vs grouped 19 ms).
+# How the per-example weight gradients are materialized, from timings here (CPU, 1 thread,
+# B=128, ms; the plain weight-gradient in brackets): the batch-folded grouped
+# weight-gradient convolution matches the plain one when there are many output positions
+# (ResNet-8 block 1, 16 channels, T=1024: 4.9 [5.3]; block 2: 3.0-4.1 [2.9-3.5]) but not
+# for few positions or few channels (block 3, 64 ch, T=64: 17.3 [3.4]; LeNet conv1, 1 ch:
+# 3.4 [1.3]); there unfold + batched matmul, a few examples at a time so the unfolded copy
+# stays in cache, is faster (7.5 and 1.4; block 1 would take 19.5).
 GROUPED_MIN_CHANNELS = 8
+GROUPED_MIN_POSITIONS = 128
+UNFOLD_CHUNK = 2 ** 19
+"""Elements of unfolded input per batched matmul (2 MiB in float32)."""
+
+
+def _grouped_is_faster(in_per_group: int, positions: int) -> bool:
+    return in_per_group >= GROUPED_MIN_CHANNELS and positions >= GROUPED_MIN_POSITIONS
 
 
 def conv_supported(module: nn.Module) -> bool:
@@ -66,20 +76,26 @@ def conv_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
         in_per_group = module.weight.shape[1]
         plan = plan or conv_plan(batch, cout // groups, module.weight[0].numel(), positions,
                                  second_moment)
-        if plan == "materialize" and in_per_group >= GROUPED_MIN_CHANNELS:
+        if plan == "materialize" and _grouped_is_faster(in_per_group, positions):
             _grouped(out, module.weight, a, g, kernel, stride, padding, dilation, groups,
                      norms, second_moment)
         else:
-            cols = _unfold(a, kernel, stride, padding, dilation)      # (B, Cin·k, T)
-            cols = cols.view(batch, groups, -1, positions)
             gg = g.reshape(batch, groups, cout // groups, positions)
+
+            def cols(sl: slice) -> torch.Tensor:                      # (n, groups, K, T)
+                unfolded = _unfold(a[sl], kernel, stride, padding, dilation)
+                return unfolded.view(unfolded.shape[0], groups, -1, positions)
+
             if plan == "materialize":
-                positions_stats(out, module.weight, gg, cols, norms, second_moment)
+                per_product = max(1, UNFOLD_CHUNK // (module.weight[0].numel() * groups
+                                                      * positions))
+                positions_stats(out, module.weight, gg, cols, norms, second_moment,
+                                examples_per_product=per_product)
             elif second_moment:
                 raise ValueError("conv_stats: the Gram plan gives norms only, not the "
                                  "second moment")
             else:
-                _gram(out, module.weight, gg, cols, norms)
+                _gram(out, module.weight, gg, cols(slice(None)), norms)
     if wants(wanted, module.bias):
         record_materialized(out, module.bias, g.sum((2, 3)), norms, second_moment)
     return out
@@ -106,10 +122,17 @@ def _grouped(out: LayerStats, weight: torch.Tensor, a: torch.Tensor, g: torch.Te
 
 
 def _unfold(a: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
-    if tuple(kernel) == (1, 1) and tuple(padding) == (0, 0):
-        a = a[:, :, ::stride[0], ::stride[1]]
-        return a.reshape(a.shape[0], a.shape[1], -1)
-    return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    """F.unfold's (B, C·kh·kw, T) layout, built as one strided view of the padded input and
+    one copy (about twice as fast as F.unfold's im2col on CPU here)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    batch, channels, height, width = a.shape
+    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    s_b, s_c, s_h, s_w = a.stride()
+    view = a.as_strided((batch, channels, kh, kw, out_h, out_w),
+                        (s_b, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), a.storage_offset())
+    return view.reshape(batch, channels * kh * kw, out_h * out_w)
 
 
 def _gram(out: LayerStats, weight: torch.Tensor, g: torch.Tensor, cols: torch.Tensor,
