@@ -2,8 +2,8 @@
 
 For each model at batch 128 every method's time per call is divided by a plain
 forward+backward (``autograd.grad`` of the mean loss) measured in the same repeat; methods
-are interleaved (order rotated per repeat) and the figure is the median of the per-repeat
-ratios. Methods:
+are interleaved (order rotated per repeat; each sample repeats the call for ~50 ms) and the
+figure is the median of the per-repeat ratios. Methods:
 - sgd: plain SGD step (direction + update), snr: SNR-gradient I step, wt: well-tempered
   (epoch variant, snr in force) step;
 - stats: ``study.grads.batch_stats`` (sum, elementwise second moment, per-example norms);
@@ -85,7 +85,9 @@ def methods(model, x, y, loop_examples: int):
     sgd = make_optimizer("sgd", model, ce, lr=1e-9, variant="plain")
     snr = make_optimizer("snr", model, ce, lr=1e-9, variant="I")
     wt = make_optimizer("well_tempered", model, ce, lr=1e-9, variant="epoch")
-    wt.snr = [torch.rand_like(p) * 2 for p in params]   # as after the first epoch
+    for _ in range(2):                      # an "epoch", so that the snr is in force
+        wt.step(wt.direction(batch))
+    wt.periodic()[0].run(None)
 
     def plain():
         torch.autograd.grad(ce(model(x), y).mean(), params)
@@ -115,22 +117,38 @@ def methods(model, x, y, loop_examples: int):
             "loop": loop}
 
 
-def measure(fns: dict, repeats: int, sync) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
+GROUPS = (("plain", "sgd", "snr", "wt", "stats"), ("plain", "vmap"), ("plain", "loop"))
+"""Methods timed together; the memory-hungry baselines (vmap materializes B×P gradients)
+get their own groups so they do not disturb the cache and allocator state of the others."""
+
+
+def measure(fns: dict, repeats: int, sync, sample_s: float = 0.05) -> dict[str, float]:
+    """Median over repeats of (method time / plain time in the same repeat), per group.
+    Each sample repeats a call enough times to last about ``sample_s``."""
+    ratios: dict[str, float] = {}
+    for group in GROUPS:
+        calls = {}
+        for n in group:
+            fns[n]()
             sync()
             t0 = time.perf_counter()
             fns[n]()
             sync()
-            times[n].append(time.perf_counter() - t0)
-    ratios = {n: statistics.median(t / p for t, p in zip(times[n], times["plain"]))
-              for n in names}
-    ratios["plain_ms"] = statistics.median(times["plain"]) * 1e3
+            calls[n] = max(1, int(sample_s / max(time.perf_counter() - t0, 1e-6)))
+        times: dict[str, list[float]] = {n: [] for n in group}
+        for r in range(repeats):
+            order = group[r % len(group):] + group[:r % len(group)]
+            for n in order:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(calls[n]):
+                    fns[n]()
+                sync()
+                times[n].append((time.perf_counter() - t0) / calls[n])
+        for n in group[1:]:
+            ratios[n] = statistics.median(t / p for t, p in zip(times[n], times["plain"]))
+        if group is GROUPS[0]:
+            ratios["plain_ms"] = statistics.median(times["plain"]) * 1e3
     return ratios
 
 

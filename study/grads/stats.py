@@ -55,8 +55,11 @@ class BatchStats:
         if self.sum_sq is None:
             raise ValueError("var() needs the second moment; call batch_stats with "
                              "second_moment=True")
-        return [(q / self.n - (s / self.n) ** 2).clamp_(min=0)
-                for s, q in zip(self.sum, self.sum_sq)]
+        out = []
+        for s, q in zip(self.sum, self.sum_sq):
+            mean = s / self.n
+            out.append((q / self.n).addcmul_(mean, mean, value=-1).clamp_(min=0))
+        return out
 
 
 def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[torch.Tensor]

@@ -24,15 +24,19 @@ from study.optim.registry import register
 DEFAULT_ALPHA = {"I": 1.0, "II": 0.05, "III": 1.0}
 
 
-def snr_scaled(variant: str, mean: torch.Tensor, var: torch.Tensor, alpha: float,
-               eps: float) -> torch.Tensor:
-    """The noise-scaled mean of one parameter (formulas in the module docstring)."""
+def snr_scaled(variant: str, total: torch.Tensor, total_sq: torch.Tensor, n: int,
+               alpha: float, eps: float) -> torch.Tensor:
+    """The noise-scaled mean of one parameter from Σg and Σg² over n examples (formulas in
+    the module docstring; in-place on fresh temporaries: these passes over every parameter
+    are memory-bound and cost as much as a matmul for wide layers)."""
+    mean = total / n
+    var = (total_sq / n).addcmul_(mean, mean, value=-1).clamp_(min=0)
     if variant == "I":
-        return mean * torch.clamp(1.0 / (alpha * var.sqrt() + eps), max=1.0)
+        return mean.mul_(var.sqrt_().mul_(alpha).add_(eps).reciprocal_().clamp_(max=1.0))
     if variant == "II":
-        return mean * torch.clamp(mean * mean / (alpha * var + eps), max=1.0)
+        return mean.mul_((mean * mean).div_(var.mul_(alpha).add_(eps)).clamp_(max=1.0))
     if variant == "III":
-        return mean * (1.0 - torch.clamp(alpha * var.sqrt(), max=1.0))
+        return mean.mul_(var.sqrt_().mul_(alpha).clamp_(max=1.0).neg_().add_(1.0))
     raise ValueError(f"snr: unknown variant {variant!r}")
 
 
@@ -52,8 +56,8 @@ class SNR(Optimizer):
 
     def direction(self, batch) -> Direction:
         stats = batch_stats(self.model, self.loss_fn, batch, self.params, norms=False)
-        tensors = [snr_scaled(self.variant, m, v, self.alpha, self.eps)
-                   for m, v in zip(stats.mean(), stats.var())]
+        tensors = [snr_scaled(self.variant, t, q, stats.n, self.alpha, self.eps)
+                   for t, q in zip(stats.sum, stats.sum_sq)]
         return Direction(tensors, stats.loss, grad_evals=stats.n)
 
 

@@ -35,9 +35,9 @@ def standard_error_snr(total: torch.Tensor, total_sq: torch.Tensor, count: int) 
     return m1.abs() / err
 
 
-def damp(grad: torch.Tensor, snr: torch.Tensor) -> torch.Tensor:
-    """Scale the entries whose snr is below 1 by their snr."""
-    return torch.where(snr < 1, snr * grad, grad)
+def damping(snr: torch.Tensor) -> torch.Tensor:
+    """The factor min(snr, 1): ``g·min(snr, 1)`` is ``where(snr<1, snr·g, g)`` in one pass."""
+    return snr.clamp(max=1)
 
 
 @register
@@ -58,13 +58,14 @@ class WellTempered(Optimizer):
         self.total_sq: list[torch.Tensor] | None = None
         self.count = 0
         self.snr: list[torch.Tensor] | None = None   # the ratios in force (epoch variant)
+        self.factor: list[torch.Tensor] | None = None  # min(snr, 1), what steps multiply by
         self.fractions: list[float] = [0.0] * len(self.params)
 
     def direction(self, batch) -> Direction:
         grads, loss = gradient(self.model, self.loss_fn, batch, self.params)
         tensors = grads
-        if self.variant == "epoch" and self.snr is not None:
-            tensors = [damp(g, s) for g, s in zip(grads, self.snr)]
+        if self.variant == "epoch" and self.factor is not None:
+            tensors = [g * f for g, f in zip(grads, self.factor)]
         return Direction(tensors, loss, grad_evals=len(batch), extras={"raw": grads})
 
     @torch.no_grad()
@@ -76,7 +77,7 @@ class WellTempered(Optimizer):
             snr = [standard_error_snr(t, q, self.count) for t, q in zip(self.total, self.total_sq)]
             mean = [t / self.count for t in self.total]
             self._set_fractions(snr)
-            self.rule.apply(self.params, [m * s.clamp(max=1) for m, s in zip(mean, snr)],
+            self.rule.apply(self.params, [m.mul_(damping(s)) for m, s in zip(mean, snr)],
                             self.lr)
             self._reset()
 
@@ -90,6 +91,7 @@ class WellTempered(Optimizer):
         if self.count > 0:
             self.snr = [standard_error_snr(t, q, self.count)
                         for t, q in zip(self.total, self.total_sq)]
+            self.factor = [damping(s) for s in self.snr]
             self._set_fractions(self.snr)
         self._reset()
         return 0
@@ -126,6 +128,7 @@ class WellTempered(Optimizer):
         super().load_state_dict(state)
         self.total, self.total_sq = _copy(state["total"]), _copy(state["total_sq"])
         self.count, self.snr = state["count"], _copy(state["snr"])
+        self.factor = None if self.snr is None else [damping(s) for s in self.snr]
         self.fractions = list(state["fractions"])
 
 
