@@ -10,7 +10,7 @@ from study.data import Batch
 from study.grads import BatchStats, batch_stats
 from study.grads.conv import conv_plan, conv_stats
 from study.grads.fallback import fallback_stats
-from study.grads.norm import groupnorm_stats
+from study.grads.norm import _saved_statistics, groupnorm_stats
 from study.models import MLP, CNN1d, LeNet, ResNet8
 
 TOL = 1e-6
@@ -160,12 +160,15 @@ def test_groupnorm_through_generic_fallback_agrees():
     a = torch.randn(4, 6, 3, 5, dtype=torch.float64)
     g = torch.randn(4, 6, 3, 5, dtype=torch.float64)
     wanted = [gn.weight, gn.bias]
-    closed = groupnorm_stats(gn, a, g, wanted, True)
+    assert _saved_statistics(gn(a), 4, 2) is not None
+    recomputed = groupnorm_stats(gn, a, g, wanted, True)          # x̂ recomputed
+    saved = groupnorm_stats(gn, a, g, wanted, True, output=gn(a))  # forward's mean/rstd
     generic = fallback_stats(gn, a, g, wanted, True)
-    assert rel(closed.norms_sq, generic.norms_sq) < TOL
-    for p in wanted:
-        assert rel(closed.sums[p], generic.sums[p]) < TOL
-        assert rel(closed.sum_sqs[p], generic.sum_sqs[p]) < TOL
+    for closed in (recomputed, saved):
+        assert rel(closed.norms_sq, generic.norms_sq) < TOL
+        for p in wanted:
+            assert rel(closed.sums[p], generic.sums[p]) < TOL
+            assert rel(closed.sum_sqs[p], generic.sum_sqs[p]) < TOL
 
 
 @pytest.mark.parametrize("make, shape", [
@@ -239,6 +242,8 @@ def test_bad_input_names_the_field():
         batch_stats(model, lambda o, t: F.cross_entropy(o, t), batch)
     with pytest.raises(ValueError, match="params"):
         batch_stats(model, ce, batch, params=[nn.Parameter(torch.zeros(2))])
+    with torch.no_grad(), pytest.raises(ValueError, match="no_grad"):
+        batch_stats(model, ce, batch)
     inplace = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
     with pytest.raises(ValueError, match="in place"):
         batch_stats(inplace, ce, batch)

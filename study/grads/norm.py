@@ -1,11 +1,12 @@
 """nn.GroupNorm affine parameters in closed form.
 
-GroupNorm normalizes each example on its own, so with x̂ = group_norm(a) (no affine) the
-per-example gradients are Σ_positions g∘x̂ (weight) and Σ_positions g (bias), (B, C) each:
-one normalization forward, one product and two reductions, instead of the generic
-torch.func fallback's per-example autograd (much slower for GroupNorm on CPU). Measured
-here for (128, 16, 32, 32): group_norm 0.65 ms + product-sum 1.2 ms, whereas forming the
-group statistics with var_mean alone takes 10 ms.
+GroupNorm normalizes each example on its own: x̂ = (a − μ)·r with the mean μ and inverse
+std r of each (example, group). The per-example gradients are Σ_positions g∘x̂ (weight)
+and Σ_positions g (bias), (B, C) each, and Σ g∘x̂ = r·(Σ g∘a − μ·Σ g) — the same form as
+PyTorch's own GroupNorm backward. μ and r are read from the forward's autograd node when it
+saved them (free); otherwise x̂ is recomputed with one group_norm. Either way no
+per-example autograd (the generic torch.func fallback is much slower here). Measured for
+(128, 16, 32, 32), 1 thread: group_norm 0.65 ms, product-sum 1.2 ms, var_mean 10 ms.
 """
 from __future__ import annotations
 
@@ -17,15 +18,36 @@ from study.grads.layer import LayerStats, record_materialized, wants
 
 
 def groupnorm_stats(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor,
-                    wanted: list[torch.Tensor], norms: bool,
-                    second_moment: bool = True) -> LayerStats:
+                    wanted: list[torch.Tensor], norms: bool, second_moment: bool = True,
+                    output: torch.Tensor | None = None) -> LayerStats:
     out = LayerStats()
     batch, channels = a.shape[:2]
     g = g.reshape(batch, channels, -1)
+    g_sum = g.sum(2)
     if wants(wanted, module.weight):
-        normalized = F.group_norm(a, module.num_groups, eps=module.eps)
-        per = (g * normalized.view(batch, channels, -1)).sum(2)
+        saved = _saved_statistics(output, batch, module.num_groups)
+        if saved is None:
+            normalized = F.group_norm(a, module.num_groups, eps=module.eps)
+            per = (g * normalized.view(batch, channels, -1)).sum(2)
+        else:
+            per_group = channels // module.num_groups
+            mean, rstd = (t.repeat_interleave(per_group, dim=1) for t in saved)
+            per = ((g * a.reshape(batch, channels, -1)).sum(2) - mean * g_sum) * rstd
         record_materialized(out, module.weight, per, norms, second_moment)
     if wants(wanted, module.bias):
-        record_materialized(out, module.bias, g.sum(2), norms, second_moment)
+        record_materialized(out, module.bias, g_sum, norms, second_moment)
     return out
+
+
+def _saved_statistics(output: torch.Tensor | None, batch: int, groups: int):
+    """(mean, rstd), each (B, groups), saved by the forward's NativeGroupNormBackward0."""
+    node = getattr(output, "grad_fn", None)
+    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        mean, rstd = node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):
+        return None
+    if mean.shape != (batch, groups) or rstd.shape != (batch, groups):
+        return None
+    return mean.to(output.dtype), rstd.to(output.dtype)

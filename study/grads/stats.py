@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -94,7 +95,10 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
         for m, g in zip(live, grads):
             if g is None:
                 continue
-            layer = _handler(m)(m, cap.records[m].a, g, owners[m], norms, second_moment)
+            handler = _handler(m)
+            if handler is groupnorm_stats:  # reads the forward's saved group statistics
+                handler = partial(groupnorm_stats, output=outs.tensors[m])
+            layer = handler(m, cap.records[m].a, g, owners[m], norms, second_moment)
             for p in owners[m]:
                 results[p] = (layer.sums[p], layer.sum_sqs.get(p))
             if norms and layer.norms_sq is not None:
@@ -137,6 +141,9 @@ def _owners(model: nn.Module, params: list[torch.Tensor]) -> dict[nn.Module, lis
 
 def _total(raw: torch.Tensor, reduction: str, n: int) -> tuple[torch.Tensor, float]:
     """The scalar whose gradient is Σ_n ∇loss_n, and the mean loss."""
+    if not raw.requires_grad:
+        raise ValueError("loss_fn: the loss does not depend on any trainable parameter "
+                         "(called under torch.no_grad()?)")
     if raw.dim() == 1 and raw.shape[0] == n:
         return raw.sum(), float(raw.detach().mean())
     if raw.dim() != 0:
