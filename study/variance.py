@@ -53,7 +53,10 @@ LOG10_LOW, LOG10_HIGH, BINS_PER_DECADE = -12, 2, 4
 
 
 class VarianceProbe:
-    """Measures the variance of an optimizer's step direction on batches of its own."""
+    """Measures the variance of an optimizer's step direction on batches of its own.
+
+    Call ``measure`` / ``record_histogram`` after the iteration's periodic work and before
+    its step: a direction may need that work (SVRG's iteration-0 snapshot)."""
 
     def __init__(self, measure: MeasureSpec, train: DataSplit, batch_size: int, seed: int,
                  total_iterations: int):
