@@ -10,7 +10,7 @@ from study.data import Batch
 from study.grads import BatchStats, batch_stats
 from study.grads.conv import conv_plan, conv_stats
 from study.grads.fallback import fallback_stats
-from study.grads.norm import _saved_statistics, groupnorm_stats
+from study.grads.norm import groupnorm_stats, saved_statistics
 from study.models import MLP, CNN1d, LeNet, ResNet8
 
 TOL = 1e-6
@@ -160,9 +160,10 @@ def test_groupnorm_through_generic_fallback_agrees():
     a = torch.randn(4, 6, 3, 5, dtype=torch.float64)
     g = torch.randn(4, 6, 3, 5, dtype=torch.float64)
     wanted = [gn.weight, gn.bias]
-    assert _saved_statistics(gn(a), 4, 2) is not None
+    stored = saved_statistics(gn(a), 4, 2)
+    assert stored is not None
     recomputed = groupnorm_stats(gn, a, g, wanted, True)          # x̂ recomputed
-    saved = groupnorm_stats(gn, a, g, wanted, True, output=gn(a))  # forward's mean/rstd
+    saved = groupnorm_stats(gn, a, g, wanted, True, saved=stored)  # forward's mean/rstd
     generic = fallback_stats(gn, a, g, wanted, True)
     for closed in (recomputed, saved):
         assert rel(closed.norms_sq, generic.norms_sq) < TOL

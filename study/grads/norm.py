@@ -19,13 +19,14 @@ from study.grads.layer import LayerStats, record_materialized, wants
 
 def groupnorm_stats(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor,
                     wanted: list[torch.Tensor], norms: bool, second_moment: bool = True,
-                    output: torch.Tensor | None = None) -> LayerStats:
+                    saved: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerStats:
+    """``saved``: the forward's (mean, rstd) from ``saved_statistics`` (read before the
+    backward frees them), or None to recompute the normalization."""
     out = LayerStats()
     batch, channels = a.shape[:2]
     g = g.reshape(batch, channels, -1)
     g_sum = g.sum(2)
     if wants(wanted, module.weight):
-        saved = _saved_statistics(output, batch, module.num_groups)
         if saved is None:
             normalized = F.group_norm(a, module.num_groups, eps=module.eps)
             per = (g * normalized.view(batch, channels, -1)).sum(2)
@@ -39,8 +40,9 @@ def groupnorm_stats(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor,
     return out
 
 
-def _saved_statistics(output: torch.Tensor | None, batch: int, groups: int):
-    """(mean, rstd), each (B, groups), saved by the forward's NativeGroupNormBackward0."""
+def saved_statistics(output: torch.Tensor | None, batch: int, groups: int):
+    """(mean, rstd), each (B, groups), saved by the forward's NativeGroupNormBackward0;
+    None when unavailable. Must be called before the backward pass frees them."""
     node = getattr(output, "grad_fn", None)
     if node is None or type(node).__name__ != "NativeGroupNormBackward0":
         return None

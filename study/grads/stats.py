@@ -29,7 +29,7 @@ from study.grads.conv import conv_stats, conv_supported
 from study.grads.fallback import fallback_stats
 from study.grads.layer import LayerStats
 from study.grads.linear import linear_stats
-from study.grads.norm import groupnorm_stats
+from study.grads.norm import groupnorm_stats, saved_statistics
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -88,6 +88,8 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
     live = [m for m in owners if m in outs.tensors]
     for m in live:
         outs.check(m)
+    saved = {m: saved_statistics(outs.tensors[m], n, m.num_groups) for m in live
+             if isinstance(m, nn.GroupNorm)}   # read before the backward frees them
     grads = torch.autograd.grad(total, [outs.tensors[m] for m in live], allow_unused=True)
     results: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
     norms_sq = None
@@ -96,8 +98,8 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
             if g is None:
                 continue
             handler = _handler(m)
-            if handler is groupnorm_stats:  # reads the forward's saved group statistics
-                handler = partial(groupnorm_stats, output=outs.tensors[m])
+            if handler is groupnorm_stats:
+                handler = partial(groupnorm_stats, saved=saved[m])
             layer = handler(m, cap.records[m].a, g, owners[m], norms, second_moment)
             for p in owners[m]:
                 results[p] = (layer.sums[p], layer.sum_sqs.get(p))
