@@ -304,6 +304,24 @@ def test_direction_is_pure():
         assert torch.equal(b0, b1)
 
 
+def test_weight_decay_starts_after_twenty_factor_periods():
+    """The reference adds weight decay only once steps >= 20·t_cov."""
+    runs = {}
+    for wd in (0.0, 0.5):
+        torch.manual_seed(0)
+        model, shape = NETS["linear"]()
+        opt, train, _ = make_kfac(model, shape, t_cov=1, t_inv=1, weight_decay=wd)
+        history = []
+        gen = torch.Generator().manual_seed(0)
+        for start in range(21):
+            run_steps(opt, train, 16, 1, gen, start=start)
+            history.append([p.detach().clone() for p in model.parameters()])
+        runs[wd] = history
+    for step in range(20):
+        assert all(torch.equal(a, b) for a, b in zip(runs[0.0][step], runs[0.5][step]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0.0][20], runs[0.5][20]))
+
+
 @pytest.mark.parametrize("option,value", [("damping", 0.0), ("stat_decay", 1.0),
                                           ("t_cov", 0), ("t_inv", 2.5), ("kl_clip", -1.0)])
 def test_bad_options_name_the_field(option, value):
