@@ -17,15 +17,21 @@ before the first step, so only outside a trial) ``direction`` is the plain gradi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from study.grads.capture import SUPPORTED, capture, layers_with_params
 from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
-from study.optim.kfac_factors import (Eigenbasis, a_statistic, g_statistic, kfac_supported,
-                                      running_average, sample_labels)
+from study.optim.kfac_factors import (
+    Eigenbasis,
+    a_statistic,
+    g_statistic,
+    kfac_supported,
+    running_average,
+    sample_labels,
+)
 from study.optim.registry import register
 
 WEIGHT_DECAY_DELAY = 20
@@ -36,8 +42,9 @@ WEIGHT_DECAY_DELAY = 20
 class KFAC(Optimizer):
     family = "kfac"
     variants = ("kfac",)
-    options = {"momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3, "stat_decay": 0.95,
-               "kl_clip": 1e-2, "t_cov": 10, "t_inv": 100}
+    options: ClassVar[dict[str, Any]] = {
+        "momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3, "stat_decay": 0.95,
+        "kl_clip": 1e-2, "t_cov": 10, "t_inv": 100}
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
