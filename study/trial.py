@@ -113,7 +113,13 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
         losses = []
         for idx in opt.sampler(len(train), bs, generator):
             it = c["iteration"]
-            if probe is not None:
+            t0 = time.perf_counter()
+            ctx.iteration = it
+            for work in periodic:
+                if work.due("iter", it):
+                    c["grad_evals"] += work.run(ctx)
+            c["time_s"] += time.perf_counter() - t0
+            if probe is not None:  # after the periodic work: a direction may need it
                 t0 = time.perf_counter()
                 if probe.due(it):
                     log(probe.measure(opt, it), it)
@@ -121,10 +127,6 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
                     probe.record_histogram(opt, it)
                 c["measure_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            ctx.iteration = it
-            for work in periodic:
-                if work.due("iter", it):
-                    c["grad_evals"] += work.run(ctx)
             d = opt.direction(train.batch(idx))
             if not math.isfinite(d.loss) or d.loss > DIVERGENCE_FACTOR * c["initial_loss"]:
                 c["diverged"] = True

@@ -45,6 +45,7 @@ from study.optim.base import Optimizer, gradient
 from study.spec import MeasureSpec
 
 ESTIMATE_STREAM = 1     # the mean set and the fresh set (2n batches, one generator)
+OWN_SAMPLER_STREAM = 3  # the same for a family that samples its own way (GC's strata)
 HISTOGRAM_STREAM = 2    # the probe batch of a histogram
 UNION_EXAMPLES = 1024  # memory bound of the mean set's union passes (examples per pass)
 NVAR_EPS, SNR_EPS = 1e-7, 1e-10
@@ -85,22 +86,25 @@ class VarianceProbe:
         return iteration in self.histogram_iterations and iteration not in self._hist_done
 
     # -- batches ----------------------------------------------------------------------------
-    def batches(self, iteration: int, stream: int, count: int) -> list[Batch]:
-        """``count`` batches of the probe's stream at ``iteration``: consecutive uniform
-        epochs without replacement, as training samples, continued when one runs out."""
+    def batches(self, iteration: int, stream: int, count: int, sampler=UniformSampler
+                ) -> list[Batch]:
+        """``count`` batches of the probe's stream at ``iteration``: consecutive epochs of
+        ``sampler`` (uniform without replacement, as training samples by default),
+        continued when one runs out."""
         generator = epoch_generator(self.seed, iteration, stream)
         out: list[Batch] = []
         while len(out) < count:
-            for idx in UniformSampler(len(self.train), self.batch_size, generator):
+            for idx in sampler(len(self.train), self.batch_size, generator):
                 out.append(self.train.batch(idx))
                 if len(out) == count:
                     break
         return out
 
-    def estimate_batches(self, iteration: int) -> tuple[list[Batch], list[Batch]]:
+    def estimate_batches(self, iteration: int, sampler=UniformSampler, stream=ESTIMATE_STREAM
+                         ) -> tuple[list[Batch], list[Batch]]:
         """(mean set, fresh set) of ``measure.batches`` batches each."""
         n = self.spec.batches
-        both = self.batches(iteration, ESTIMATE_STREAM, 2 * n)
+        both = self.batches(iteration, stream, 2 * n, sampler)
         return both[:n], both[n:]
 
     # -- measurement ------------------------------------------------------------------------
@@ -108,6 +112,12 @@ class VarianceProbe:
         """The ``var/*`` metrics at the current weights (see the module docstring)."""
         mean_set, fresh_set = self.estimate_batches(iteration)
         plain = type(opt).direction is Optimizer.direction
+        # A family's direction is measured on the batches its own sampler draws (GC's
+        # importance weights are unbiased only on its stratified batches).
+        dir_mean_set, dir_fresh_set = mean_set, fresh_set
+        if type(opt).sampler is not Optimizer.sampler:
+            dir_mean_set, dir_fresh_set = self.estimate_batches(iteration, opt.sampler,
+                                                                OWN_SAMPLER_STREAM)
         model, loss_fn, params = opt.model, opt.loss_fn, opt.params
         with _isolated():
             acc = _acc_dtype(params[0])
@@ -117,11 +127,11 @@ class VarianceProbe:
                 dir_ = sgd
             else:
                 dir_ = _Moments(_mean_of(_flat(opt.direction(b).tensors, acc)
-                                         for b in mean_set))
+                                         for b in dir_mean_set))
             ex_sum = torch.zeros_like(sgd_mean)
             ex_sq = torch.zeros((), dtype=acc, device=sgd_mean.device)
             n_examples = 0
-            for b in fresh_set:
+            for b, d in zip(fresh_set, dir_fresh_set):
                 st = batch_stats(model, loss_fn, b, params, second_moment=False)
                 total = _flat(st.sum, acc)
                 ex_sum += total
@@ -129,7 +139,7 @@ class VarianceProbe:
                 n_examples += st.n
                 sgd.add(total / st.n)
                 if not plain:
-                    dir_.add(_flat(opt.direction(b).tensors, acc))
+                    dir_.add(_flat(opt.direction(d).tensors, acc))
             out = {**dir_.summary("dir"), **sgd.summary("sgd"),
                    "var/bias": (dir_.mean - sgd.mean).abs().mean(),
                    **_noise_scale(ex_sum, ex_sq, n_examples)}
