@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             out = make_report(args.study, tracking_uri=resolve_uri(args.tracking_uri),
                               results_dir=args.results, select=args.select)
             print(f"report: {out}/index.md")
-    except (SpecError, ConnectionError, FileNotFoundError) as err:
+    except (SpecError, ConnectionError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,8 @@ from study.models import MODELS
 
 # Training-set sizes before any validation split, used to check batch sizes without loading.
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
+INPUT_SHAPES = {"mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+                "cifar10": (3, 32, 32)}
 MNIST1D_TRAIN_FRACTION = 0.8
 
 
@@ -216,6 +218,29 @@ class Spec(Strict):
                                  f"({n} examples of {self.dataset.name} after the validation split)")
         return self
 
+    @model_validator(mode="after")
+    def _arms_build(self):
+        """Build every arm's model and optimizer once (no data, no training), so option
+        values only a family can judge (``snapshot_unit: weeks``) fail here, not in a trial."""
+        import torch
+
+        from study.models import build_model
+        from study.optim import make_optimizer
+
+        for arm in self.arms():
+            try:
+                model = build_model(arm["model"], INPUT_SHAPES[self.dataset.name], 10,
+                                    **arm["model_options"])
+            except ValueError as err:
+                raise ValueError(f"models: {err}") from None
+            try:
+                make_optimizer(arm["family"], model, torch.nn.functional.cross_entropy,
+                               min(self.lr_grid(arm["family"])), arm["variant"], **arm["options"])
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"families.{arm['family']}: {err} "
+                                 f"(options {arm['options']})") from None
+        return self
+
     # -- derived ------------------------------------------------------------------------------
     def lr_grid(self, family: str) -> list[float]:
         fam = self.families[family]
@@ -310,5 +335,5 @@ def _format(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
         shown = "" if isinstance(value, dict) and value else f" (got {value!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+        lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}")
     return "\n".join(dict.fromkeys(lines))

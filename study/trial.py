@@ -207,7 +207,7 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     ctx = tune.get_context()
     device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
-                   ctx.get_trial_id(), cfg,
+                   ctx.get_trial_id(), {**cfg, "dataset": spec.dataset.name, "epochs": spec.epochs},
                    tags={"gradstudy.study": spec.name, "family": cfg["family"],
                          "variant": cfg["variant"], "model": cfg["model"], "arm": cfg["arm"]})
     run.set_tag("node_id", ray.get_runtime_context().get_node_id())  # where it ran (this attempt)

@@ -67,3 +67,8 @@ def test_validate_command_prints_trials_or_names_the_field(tmp_path):
 def test_missing_file_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_option_values_a_family_rejects_fail_at_validation():
+    with pytest.raises(SpecError, match=r"families\.svrg: .*snapshot_unit.*weeks"):
+        parse_spec(base(families={"svrg": {"options": {"snapshot_unit": "weeks"}}}))
