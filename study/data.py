@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class Batch:
     def __len__(self) -> int:
         return self.y.shape[0]
 
-    def split(self) -> "DataSplit":
+    def split(self) -> DataSplit:
         """These examples as a split of their own (re-indexed from 0)."""
         return DataSplit(self.x, self.y)
 
@@ -60,7 +60,7 @@ class DataSplit:
             idx = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
             yield self.batch(idx)
 
-    def to(self, device) -> "DataSplit":
+    def to(self, device) -> DataSplit:
         return DataSplit(self.x.to(device), self.y.to(device))
 
 

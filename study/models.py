@@ -106,7 +106,8 @@ class ResNet8(nn.Module):
             blocks.append(BasicBlock(cin, c, 1 if i == 0 else 2, norm))
             cin = c
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(cin, num_classes))
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))

@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from study.data import DATASETS
 from study.models import MODELS
@@ -215,7 +223,8 @@ class Spec(Strict):
         for b in self.batch_size:
             if b > n:
                 raise ValueError(f"batch_size: {b} is larger than the training set "
-                                 f"({n} examples of {self.dataset.name} after the validation split)")
+                                 f"({n} examples of {self.dataset.name} after the "
+                                 "validation split)")
         return self
 
     @model_validator(mode="after")
@@ -296,8 +305,9 @@ def _check_option(family: str, defaults: dict[str, Any], key: str, value: Any) -
         if isinstance(default, bool) or isinstance(v, bool):
             ok = isinstance(default, bool) and isinstance(v, bool)
         elif isinstance(default, (int, float)):
-            ok = isinstance(v, (int, float)) and not (isinstance(default, int) and isinstance(v, float)
-                                                      and not float(v).is_integer())
+            fractional_for_int = (isinstance(default, int) and isinstance(v, float)
+                                  and not float(v).is_integer())
+            ok = isinstance(v, (int, float)) and not fractional_for_int
         else:
             ok = isinstance(v, type(default))
         if not ok:

@@ -46,7 +46,8 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
     except (urllib.error.URLError, OSError) as err:
-        raise ConnectionError(f"tracking.uri: the MLflow server at {uri} is unreachable ({err})")
+        raise ConnectionError(
+            f"tracking.uri: the MLflow server at {uri} is unreachable ({err})") from None
 
 
 def study_parent(uri: str, study: str, parent_run_id: str | None, params: dict[str, Any],
@@ -90,8 +91,9 @@ class TrialRun:
                            for k in found[0].data.metrics}
             self.client.set_terminated(self.run_id, "RUNNING")
         else:
+            name = f"{config['arm']} lr={config['lr']:g} bs={config['batch_size']}"
             run = self.client.create_run(
-                experiment_id, run_name=config["arm"] + f" lr={config['lr']:g} bs={config['batch_size']}",
+                experiment_id, run_name=name,
                 tags={"mlflow.parentRunId": parent_run_id, "gradstudy.kind": "trial",
                       "trial_id": trial_id, "status": "running", **tags})
             self.run_id = run.info.run_id

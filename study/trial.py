@@ -13,7 +13,8 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,14 +193,13 @@ def trial_config(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dic
 def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]],
               tracking: dict[str, str]) -> None:
     """The Ray Tune function trainable: one trial, logged to its MLflow child run."""
+    import logging
     import tempfile
 
     import ray
     from ray import tune
 
     from study.tracking import TrialRun
-
-    import logging
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(spec.resources.cpu)))

@@ -6,7 +6,8 @@ Clusters live in gradient space with one rank-1 center ``Co ⊗ Ci`` per Linear/
 *weighted* cost ``(N_k + 1)·||g_i − c_k||²`` (Faghri's default ``mul_Nk``): the variance of
 the stratified estimator is ``(1/N²) Σ_k N_k Σ_{i∈k} ||g_i − c_k||²``. In full passes N_k is
 the running count of the pass (updated every max(``ASSIGN_STEP``, N/(4·C)) examples); in
-online EM steps it is the EMA size, which starts at the fair share B/C. Centers are the cluster means of the factors (``Factors.pooled``).
+online EM steps it is the EMA size, which starts at the fair share B/C. Centers are the cluster
+means of the factors (``Factors.pooled``).
 On MNIST-1D (480 examples, MLP 40-16-10, C = 32, B = 32) the weighted assignment gave
 GC/SGD direction-variance ratios 0.61–0.70 over three epochs (online variant 0.78–0.80);
 plain k-means 0.89–1.06.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from study.optim.base import Optimizer
 
-FAMILIES: dict[str, type["Optimizer"]] = {}
+FAMILIES: dict[str, type[Optimizer]] = {}
 
 
 def register(cls):
@@ -17,12 +17,12 @@ def register(cls):
     return cls
 
 
-def get_family(name: str) -> type["Optimizer"]:
+def get_family(name: str) -> type[Optimizer]:
     if name not in FAMILIES:
         raise KeyError(f"unknown optimizer family {name!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 
 def make_optimizer(family: str, model, loss_fn, lr: float, variant: str | None = None,
-                   **options: Any) -> "Optimizer":
+                   **options: Any) -> Optimizer:
     return get_family(family)(model, loss_fn, lr, variant, **options)

@@ -44,7 +44,8 @@ def snr_scaled(variant: str, total: torch.Tensor, total_sq: torch.Tensor, n: int
 class SNR(Optimizer):
     family = "snr"
     variants = ("I", "II", "III")
-    options: ClassVar[dict[str, Any]] = {"alpha": None, "eps": 1e-5, "momentum": 0.0, "weight_decay": 0.0}
+    options: ClassVar[dict[str, Any]] = {"alpha": None, "eps": 1e-5, "momentum": 0.0,
+                                         "weight_decay": 0.0}
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
