@@ -10,6 +10,7 @@ Linear layer's. The natural gradient of the ``[W|b]`` matrix M solves
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,23 +38,29 @@ def patches(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, int]:
     Linear: T = 1 and the rows are the inputs. Conv: the unfolded receptive fields, in the
     (channel, kernel position) order of ``weight.view(out, -1)``.
     """
+    bias = module.bias is not None
     if isinstance(module, nn.Linear):
-        rows, positions = a.reshape(-1, a.shape[-1]), 1
+        a = a.reshape(-1, a.shape[-1])
+        rows = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if bias else a
+        return rows, 1
+    if isinstance(module, nn.Conv1d):
+        a = a.unsqueeze(2)
+        (kh, kw), (dh, dw), (sh, sw) = [(1, *getattr(module, n))
+                                        for n in ("kernel_size", "dilation", "stride")]
+        ph, pw = 0, module.padding[0]
     else:
-        if isinstance(module, nn.Conv1d):
-            a = a.unsqueeze(2)
-            geometry = [(1, *getattr(module, n)) for n in ("kernel_size", "dilation", "stride")]
-            padding = (0, *module.padding)
-        else:
-            geometry = [module.kernel_size, module.dilation, module.stride]
-            padding = module.padding
-        cols = F.unfold(a, geometry[0], dilation=geometry[1], padding=padding,
-                        stride=geometry[2])                          # (B, d_in, T)
-        positions = cols.shape[2]
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    if module.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows, positions
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+        ph, pw = module.padding
+    # Strided windows and one copy (F.unfold's CPU im2col loops over the batch).
+    x = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    windows = windows[..., ::dh, ::dw].permute(0, 2, 3, 1, 4, 5)    # (B, Ho, Wo, C, kh, kw)
+    batch, height, width, d_in = *windows.shape[:3], math.prod(windows.shape[3:])
+    rows = a.new_empty(batch, height, width, d_in + bias)
+    rows[..., :d_in].view(windows.shape).copy_(windows)
+    if bias:
+        rows[..., d_in] = 1
+    return rows.view(-1, d_in + bias), height * width
 
 
 def a_statistic(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, float]:
