@@ -246,7 +246,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work-repeats", type=int, default=3,
+    ap.add_argument("--work-repeats", type=int, default=2,
                     help="repeats that also time the scheduled work (snapshots are slow)")
     ap.add_argument("--steps", type=int, default=0, help="steps per timing (0: calibrate)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
