@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_study(spec, args.spec, address=args.address, storage=args.storage,
                                tracking_uri=args.tracking_uri, fresh=args.fresh,
                                report=not args.no_report)
+            if result.interrupted:
+                print(f"study {result.name}: interrupted; run the same command again to resume",
+                      file=sys.stderr)
+                return 130
             print(f"study {result.name}: {result.statuses}; MLflow parent run "
                   f"{result.parent_run_id} in {result.tracking_uri}")
             if result.report_dir:

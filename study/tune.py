@@ -30,12 +30,13 @@ STATE_FILE = "gradstudy.json"
 @dataclass
 class StudyResult:
     name: str
-    study_dir: Path
+    study_uri: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     statuses: dict[str, int] = field(default_factory=dict)
     report_dir: Path | None = None
+    interrupted: bool = False
 
 
 def spec_hash(spec: Spec) -> str:
@@ -53,17 +54,16 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
 
     uri = resolve_uri(tracking_uri or spec.tracking.uri)
     check_reachable(uri)
-    storage_path = _storage(storage or spec.storage)
-    study_dir = Path(storage_path) / spec.name
+    store = Storage(storage or spec.storage, spec.name)
     _check_local_gpus(spec, address)
     load_splits(spec)  # generate / read the dataset once here: missing data fails now
 
-    state = _read_state(study_dir)
+    state = store.read_state()
     if state and state.get("spec_hash") != spec_hash(spec) and not fresh:
         raise SpecError(f"{spec_path or spec.name}: the spec changed since the sweep stored in "
-                        f"{study_dir}; run with --fresh to start a new sweep")
-    if fresh and study_dir.exists():
-        study_dir.rename(study_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}"))
+                        f"{store.study_uri}; run with --fresh to start a new sweep")
+    if fresh:
+        store.set_aside(time.strftime("%Y%m%d-%H%M%S"))
         state = None
 
     if not ray.is_initialized():
@@ -78,10 +78,8 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
         params={"dataset": spec.dataset.name, "epochs": spec.epochs, "search": spec.search.kind,
                 "num_trials": spec.num_trials(), "spec_hash": spec_hash(spec)},
         artifacts={"spec.yaml": spec_text, "grid.json": spec.trials()})
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / STATE_FILE).write_text(json.dumps(
-        {"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri,
-         "spec_hash": spec_hash(spec)}, indent=1))
+    store.write_state({"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri,
+                       "spec_hash": spec_hash(spec)})
 
     arms = {a["arm"]: a for a in spec.arms()}
     fn = tune.with_parameters(trainable, spec=spec, arms=arms,
@@ -89,11 +87,11 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
                                         "parent_run_id": parent})
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     fn = tune.with_resources(fn, resources)
-    if tune.Tuner.can_restore(str(study_dir)):
-        print(f"Resuming the study stored in {study_dir}")
-        tuner = tune.Tuner.restore(str(study_dir), fn, resume_errored=True)
+    if tune.Tuner.can_restore(store.study_uri):
+        print(f"Resuming the study stored in {store.study_uri}")
+        tuner = tune.Tuner.restore(store.study_uri, fn, resume_errored=True)
     else:
-        tuner = _new_tuner(spec, fn, storage_path)
+        tuner = _new_tuner(spec, fn, store.root_uri)
     try:
         grid = tuner.fit()
     except BaseException:
@@ -104,14 +102,71 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
         status = ("errored" if result.error else
                   "diverged" if (result.metrics or {}).get("diverged") else "finished")
         statuses[status] = statuses.get(status, 0) + 1
+    out = StudyResult(spec.name, store.study_uri, uri, exp_id, parent, statuses)
+    if _unfinished(store.study_uri):
+        # Tune returns normally on Ctrl-C: the sweep is interrupted, not finished.
+        out.interrupted = True
+        finish_parent(uri, parent, "KILLED")
+        return out
     finish_parent(uri, parent)
-    out = StudyResult(spec.name, study_dir, uri, exp_id, parent, statuses)
     if report:
         from analysis.report import make_report
 
-        out.report_dir = make_report(spec.name, tracking_uri=uri, results_dir=study_dir,
+        out.report_dir = make_report(spec.name, tracking_uri=uri, results_dir=store.study_uri,
                                      parent_run_id=parent)
     return out
+
+
+class Storage:
+    """Where Tune keeps a study (a local folder or a ``s3://`` / ``gs://`` URI) and the
+    sweep's state file beside it, through pyarrow's filesystems so both work the same."""
+
+    def __init__(self, root: str, study: str):
+        import pyarrow.fs
+
+        self.root_uri = root if "://" in root else str(Path(root).resolve())
+        self.study_uri = self.root_uri.rstrip("/") + "/" + study
+        self.fs, self.path = pyarrow.fs.FileSystem.from_uri(
+            self.study_uri if "://" in self.study_uri else "file://" + self.study_uri)
+
+    def exists(self) -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{STATE_FILE}") as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{STATE_FILE}") as f:
+            f.write(json.dumps(state, indent=1).encode())
+
+    def set_aside(self, stamp: str) -> None:
+        """--fresh: keep the old sweep's folder, renamed, instead of deleting anything."""
+        if self.exists():
+            self.fs.move(self.path, f"{self.path}.{stamp}")
+
+
+def _unfinished(study_uri: str) -> int:
+    """Trials the saved experiment state still lists as to be run. (After Ctrl-C, Tune's
+    in-memory results call every trial terminated; the state it saved for resuming does not.)"""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns about every trial without results yet
+    try:
+        trials = ExperimentAnalysis(study_uri).trials
+    finally:
+        quiet.setLevel(level)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _new_tuner(spec: Spec, fn, storage_path: str):
@@ -185,19 +240,10 @@ def _dirname(trial) -> str:
     return f"{label}_{trial.trial_id}"[:120]
 
 
-def _storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _pythonpath() -> str:
     """Trial workers import what the driver can: the working folder and its PYTHONPATH."""
     parts = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return os.pathsep.join(dict.fromkeys(parts))
-
-
-def _read_state(study_dir: Path) -> dict[str, Any] | None:
-    path = study_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _check_local_gpus(spec: Spec, address: str | None) -> None:

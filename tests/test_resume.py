@@ -167,6 +167,8 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
             before = store.progress()
             proc.send_signal(signal.SIGINT)
             finish(proc, timeout=120)
+            assert proc.returncode == 130, "an interrupted sweep says so, with 128 + SIGINT"
+            assert store.parents()[0].info.status == "KILLED"
     finally:
         kill_leftovers(proc)
 
