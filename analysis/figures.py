@@ -203,6 +203,7 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     fig, axes = panel_grid(len(problems), 2)
     n_series = 0
     for r, problem in enumerate(problems):
+        plotted: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         for _, row in _family_rows(best, problem):
             curves = _seed_mean_curves(metrics, row["run_ids"], list(keys))
             for ax, key in zip(axes[r], keys):
@@ -210,9 +211,11 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                     c = curves[key].dropna()
                     ax.plot(c.index, c.values, color=family_color(row["family"]), marker=".",
                             label=_setting_label(row))
+                    plotted[key].append(c.values)
                     n_series += 1
         for ax, (key, name) in zip(axes[r], keys.items()):
             ax.set_yscale("log")
+            _clip_degenerate(ax, plotted[key])
             steps = metrics.loc[metrics["key"] == key, "step"]
             log_x = len(steps) and steps.min() >= 1 and steps.max() / steps.min() > 100
             if log_x:  # measurements are usually log-spaced in iterations
@@ -226,6 +229,21 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "variance"), n_panels=axes.size,
                         n_series=n_series)
+
+
+def _clip_degenerate(ax, series: list[np.ndarray], span: float = 1e6) -> None:
+    """Keep the y-range on the measured spread: a point many decades below the rest (SVRG at
+    its snapshot weights, where the direction IS the full gradient: variance 0 up to
+    rounding) would otherwise flatten every other curve. Such points are noted, not hidden."""
+    values = np.concatenate(series) if series else np.array([])
+    values = values[values > 0]
+    if values.size == 0:
+        return
+    floor = np.median(values) / span
+    if values.min() < floor:
+        ax.set_ylim(bottom=values[values >= floor].min() / 3)
+        ax.annotate(f"points below {floor:.0e} not shown", xy=(0.01, 0.01),
+                    xycoords="axes fraction", fontsize=7, color="0.4")
 
 
 def _pooled_histogram(entries: list[dict]):

@@ -13,6 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures, tables
+
+# One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from analysis.load import StudyNotFoundError, download_grad_hist, load_mlflow, load_tune
 from analysis.writer import Table, to_html, to_markdown, write_table
 
