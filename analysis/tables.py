@@ -258,6 +258,7 @@ def critical_batch_table(trials, metrics, select="val_accuracy",
         grid = sorted(trials.loc[trials["family"] == setting["family"], "batch_size"].dropna()
                       .astype(int).unique())
         rows.append({**{c: setting[c] for c in problems}, "family": setting["family"],
+                     "b_simple_pooled_tuned": _pooled_noise_scale(metrics, setting["run_ids"]),
                      "b_simple_median_tuned": mine.median() if len(mine) else np.nan,
                      "b_simple_q25_tuned": mine.quantile(0.25) if len(mine) else np.nan,
                      "b_simple_q75_tuned": mine.quantile(0.75) if len(mine) else np.nan,
@@ -267,8 +268,21 @@ def critical_batch_table(trials, metrics, select="val_accuracy",
                      else np.nan,
                      "batch_size_grid": " ".join(str(b) for b in grid)})
     return Table("critical_batch_size", title, pd.DataFrame(rows),
-                 "Median over training of var/noise_scale = tr(Σ)/|G|² at the tuned setting "
-                 "(IQR beside it) and over all non-diverged runs of the family.")
+                 "b_simple_pooled_tuned = mean tr(Σ) / mean |G|² over every measurement of "
+                 "the tuned setting (McCandlish et al. average numerator and denominator "
+                 "before the ratio; 'inf' = the mean unbiased |G|² estimate is not positive, "
+                 "noise swamps the signal). The medians are of the per-measurement "
+                 "var/noise_scale, which cannot exceed the examples one measurement uses "
+                 "(IQR beside it; also over all non-diverged runs of the family).")
+
+
+def _pooled_noise_scale(metrics, run_ids) -> float:
+    mine = metrics[metrics["run_id"].isin(run_ids)]
+    trace = mine.loc[mine["key"] == "var/trace_sigma", "value"]
+    grad_sq = mine.loc[mine["key"] == "var/grad_sq_unbiased", "value"]
+    if trace.empty or grad_sq.empty:
+        return np.nan
+    return float(trace.mean() / grad_sq.mean()) if grad_sq.mean() > 0 else np.inf
 
 
 def all_tables(trials, metrics, select="val_accuracy", tolerance=0.01, target_fraction=0.9,

@@ -202,9 +202,14 @@ def _noise_scale(ex_sum: torch.Tensor, ex_sq: torch.Tensor, n: int) -> dict[str,
     """B_simple from Σ_n g_n (flat) and Σ_n ||g_n||² over n examples (module docstring)."""
     mean_sq = ex_sum.square().sum() / (n * n)                  # |Ḡ|²
     trace = ((ex_sq / n - mean_sq) * n / (n - 1)).clamp(min=0)
-    grad_sq = torch.maximum(mean_sq - trace / n, trace / n)
+    unbiased = mean_sq - trace / n
+    grad_sq = torch.maximum(unbiased, trace / n)
     noise = torch.where(trace > 0, trace / grad_sq, torch.zeros_like(trace))
-    return {"var/noise_scale": noise, "var/trace_sigma": trace, "var/grad_sq_norm": grad_sq}
+    # The unclamped |G|² estimate is logged too: averaged over many measurements before the
+    # ratio is taken (McCandlish et al., App. A), it resolves noise scales above n.
+    return {"var/noise_scale": noise, "var/trace_sigma": trace, "var/grad_sq_norm": grad_sq,
+            "var/grad_sq_unbiased": unbiased,
+            "var/noise_examples": torch.tensor(float(n), dtype=trace.dtype)}
 
 
 def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:

@@ -205,3 +205,15 @@ def test_a_family_whose_every_lr_diverged_has_no_tuned_accuracy():
     trials.loc[trials["family"] == "sgd", "status"] = "diverged"
     wide = tables.final_accuracy_table(trials).frame
     assert wide.loc[0, "sgd"] == "–" and wide.loc[0, "adam"] == "86.00 ± 2.83"
+
+
+def test_pooled_noise_scale_averages_numerator_and_denominator_before_the_ratio():
+    metrics = pd.DataFrame(
+        [("r1", "var/trace_sigma", 0, 2.0), ("r1", "var/grad_sq_unbiased", 0, 1.0),
+         ("r1", "var/trace_sigma", 5, 4.0), ("r1", "var/grad_sq_unbiased", 5, -0.5),
+         ("r2", "var/trace_sigma", 0, 1.0), ("r2", "var/grad_sq_unbiased", 0, -1.0)],
+        columns=["run_id", "key", "step", "value"])
+    # (2 + 4)/2 over (1 - 0.5)/2: 3 / 0.25 -- the per-measurement ratios would be 2 and "∞"
+    assert tables._pooled_noise_scale(metrics, ["r1"]) == pytest.approx(12.0)
+    assert tables._pooled_noise_scale(metrics, ["r2"]) == np.inf
+    assert np.isnan(tables._pooled_noise_scale(metrics, ["r3"]))

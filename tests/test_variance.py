@@ -108,9 +108,10 @@ def naive_noise_scale(per_example: torch.Tensor) -> dict:
     mean = per_example.mean(0)
     trace = sum(float(((per_example[:, j] - mean[j]) ** 2).sum()) / (n - 1)
                 for j in range(per_example.shape[1]))
-    grad_sq = float((mean ** 2).sum()) - trace / n
-    grad_sq = max(grad_sq, trace / n)
-    return {"trace_sigma": trace, "grad_sq_norm": grad_sq, "noise_scale": trace / grad_sq}
+    unbiased = float((mean ** 2).sum()) - trace / n
+    grad_sq = max(unbiased, trace / n)
+    return {"trace_sigma": trace, "grad_sq_norm": grad_sq, "noise_scale": trace / grad_sq,
+            "grad_sq_unbiased": unbiased}
 
 
 # -- (a), (b): statistics vs the naive references ---------------------------------------------
@@ -154,8 +155,9 @@ def test_statistics_match_naive_float64_reference(family):
         assert got["var/bias"] == 0.0
 
     ns = naive_noise_scale(torch.cat(fresh_pe))
-    for key in ("trace_sigma", "grad_sq_norm", "noise_scale"):
+    for key in ("trace_sigma", "grad_sq_norm", "noise_scale", "grad_sq_unbiased"):
         assert got[f"var/{key}"] == pytest.approx(ns[key], rel=1e-9), key
+    assert got["var/noise_examples"] == sum(len(b) for b in fresh_set)
 
 
 def test_mean_set_in_several_union_passes_matches_naive(monkeypatch):
