@@ -4,23 +4,12 @@ the global iteration counter; after each epoch run the epoch periodics due at th
 finished epochs. Returns the gradient evaluations spent (steps + periodic work)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from study.data import DataSplit, epoch_generator
 from study.optim.base import Context, Optimizer
 
 PERIODIC_STREAM = 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only add contention
-    (measured 30x slower under load), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_context(opt: Optimizer, train: DataSplit, batch_size: int, seed: int = 0) -> Context:

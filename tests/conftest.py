@@ -17,6 +17,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' tensors are tiny: on a 2-core machine extra intra-op threads only contend
+    (measured 30-60x slower under load). Subprocesses (sweeps) set their own threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = ["cluster.yaml", "cluster-gcp.yaml"]
-SECRET_PATTERNS = [r"aws_secret", r"private_key", r"BEGIN RSA", r"BEGIN OPENSSH", r"BEGIN .*PRIVATE",
+SECRET_PATTERNS = [r"aws_secret", r"private_key", r"BEGIN RSA", r"BEGIN OPENSSH",
+                   r"BEGIN .*PRIVATE",
                    r"AKIA[0-9A-Z]{16}", r"aws_access_key_id", r"client_secret"]
 EVERY_INTERFACE = {"0.0.0.0", "::", "[::]", "*"}
 

@@ -147,7 +147,8 @@ def test_trial_that_raises_is_recorded_as_errored(tmp_path, short_tmp):
     report = tmp_path / "reports" / "raises"
     text = "\n".join(p.read_text(errors="replace") for p in report.rglob("*")
                      if p.suffix in {".md", ".csv"})
-    assert "errored" in text, f"the report does not list the errored trial: {sorted(report.rglob('*'))}"
+    listing = sorted(report.rglob("*"))
+    assert "errored" in text, f"the report does not list the errored trial: {listing}"
 
 
 def test_unreachable_tracking_server_stops_the_sweep_before_any_trial(tmp_path, short_tmp,

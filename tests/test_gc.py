@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from _loop import make_context, one_thread, run_epochs, trial_resumes_exactly  # noqa: F401
+from _loop import make_context, run_epochs, trial_resumes_exactly
 from torch import nn
 
 from study.data import DataSplit, UniformSampler

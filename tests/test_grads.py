@@ -110,7 +110,8 @@ def force_path(monkeypatch, path):
 
 
 CONV2D = [{"kernel_size": 3}, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (1, 0)},
-          {"kernel_size": 3, "dilation": 2, "padding": 2}, {"kernel_size": 3, "groups": 2, "stride": 2},
+          {"kernel_size": 3, "dilation": 2, "padding": 2},
+          {"kernel_size": 3, "groups": 2, "stride": 2},
           {"kernel_size": 1, "stride": 2}, {"kernel_size": 1}, {"kernel_size": (1, 3),
                                                                    "groups": 2, "padding": 1}]
 

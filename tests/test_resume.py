@@ -132,7 +132,8 @@ def wait_until_mid_way(store: Store, proc: subprocess.Popen, timeout: float = 30
     """Poll until >= 1 trial has finished and >= 1 is running with 1 <= epoch < EPOCHS."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + finish(proc)
+        assert proc.poll() is None, ("the sweep ended before it could be interrupted:\n"
+                                     + finish(proc))
         if store.ready():
             progress = store.progress()
             finished = [t for t, (s, _) in progress.items() if s == "finished"]

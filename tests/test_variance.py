@@ -21,14 +21,6 @@ from study.variance import VarianceProbe, histogram_edges, log_spaced_iterations
 SEED = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only contend (the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def loss_fn(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
