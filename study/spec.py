@@ -38,6 +38,12 @@ class SpecError(ValueError):
     """A spec problem; the message names the field and the offending value."""
 
 
+def _one_of(value: str, choices, what: str) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose from {list(choices)}")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,9 +86,7 @@ class DatasetSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose from {list(DATASETS)}")
-        return v
+        return _one_of(v, DATASETS, "dataset")
 
     def train_size(self) -> int:
         if self.name == "mnist1d":
@@ -101,9 +105,7 @@ class ModelSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; choose from {list(MODELS)}")
-        return v
+        return _one_of(v, MODELS, "model")
 
     def options(self) -> dict[str, Any]:
         return self.model_dump(exclude={"name"}, exclude_none=True)
