@@ -18,15 +18,6 @@ from study.optim import FAMILIES, Context
 from study.optim.kfac_factors import covariance_a, covariance_g, sample_labels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: extra threads only spin (60x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def per_example_ce(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
