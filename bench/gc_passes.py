@@ -2,8 +2,8 @@
 
 A GC pass runs one forward + backward per example (hooks record inputs and output
 gradients) plus the factorized distances to C rank-1 centers; the baseline is SVRG's
-snapshot, ``full_gradient`` over the same N examples in its own chunks. Methods are interleaved, order
-rotated per repeat; each figure is the median over repeats of the per-repeat ratio.
+snapshot, ``full_gradient`` over the same N examples in its own chunks. Methods are interleaved,
+order rotated per repeat; each figure is the median over repeats of the per-repeat ratio.
 Target printed (the project standard: per-example statistics cost about one extra
 backward): an assignment pass with C = 10 within 2x of the gradient pass.
 

@@ -154,7 +154,8 @@ def main() -> None:
                 wall, span = run_ray(spec, tmp / f"ray{rep}")
                 ray_wall.append(wall)
                 ray_span.append(span)
-    figures = {"trials": TRIALS, "epochs": epochs, "size": args.size, "seconds_per_epoch": per_epoch,
+    figures = {"trials": TRIALS, "epochs": epochs, "size": args.size,
+               "seconds_per_epoch": per_epoch,
                "loop_s": statistics.median(loop), "ray_s": statistics.median(ray_wall),
                "ray_trials_span_s": statistics.median(ray_span), "repeats": args.repeats}
     figures["speedup"] = figures["loop_s"] / figures["ray_s"]

@@ -1,14 +1,15 @@
 """What fraction of a default-study trial the variance measurement takes.
 
-Runs the default study's trial loop (8 epochs of ⌊3600/B⌋ steps on MNIST-1D shapes: inputs
+Runs the default study's trial loop (its epochs of ⌊3600/B⌋ steps on MNIST-1D shapes: inputs
 (1, 40), 10 classes) for the MLP 40→100→100→10 and the CNN1d 25-25-25, at batch sizes
-32/128/512, three ways: no probe, the probe at the default schedule (every 50 iterations,
-10 batches) and the same with histograms on. The three are interleaved and repeated; the
+32/128/512, three ways: no probe, the probe at the default study's schedule
+(search_spaces/default.yaml: `measure.every`, `measure.batches`) and the same with histograms
+on. The three are interleaved and repeated; the
 overhead is the median of (T_probe − T_none) / T_probe, i.e. the share of the trial's
 training-loop time spent measuring (per-epoch evaluation is left out, so this is an upper
 bound on the share of a real trial). It also prints the cost of one measurement in training
-steps and the sparsest `every` (at 10 batches) and the most `batches` (at every 50) that keep
-the share at or under the target.
+steps and the sparsest `every` (at the default batches) and the most `batches` (at the default
+`every`) that keep the share at or under the target.
 
     .venv/bin/python bench/variance_overhead.py [--reps 5] [--json FILE] [--device cpu]
 """
@@ -20,6 +21,7 @@ import math
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +29,17 @@ import torch.nn.functional as F
 from study.data import DataSplit, epoch_generator
 from study.models import build_model
 from study.optim import make_optimizer
-from study.spec import MeasureSpec
+from study.spec import MeasureSpec, load_spec
 from study.variance import VarianceProbe
 
-TRAIN, EPOCHS, TARGET = 3600, 8, 0.10
+DEFAULT_STUDY = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml")
+DEFAULT = DEFAULT_STUDY.measure
+TRAIN, EPOCHS, TARGET = 3600, DEFAULT_STUDY.epochs, 0.10
+EVERY, BATCHES = DEFAULT.every, DEFAULT.batches
 MODELS = {"mlp": {"widths": [100, 100]}, "cnn": {"channels": [25, 25, 25]}}
 SETUPS = {"none": None,
-          "measure": MeasureSpec(every=50, batches=10, histograms=False),
-          "measure+hist": MeasureSpec(every=50, batches=10, histograms=True)}
+          "measure": DEFAULT.model_copy(update={"histograms": False}),
+          "measure+hist": DEFAULT.model_copy(update={"histograms": True})}
 
 
 def loss_fn(logits, y):
@@ -138,28 +143,28 @@ def main() -> None:
     cells = [(m, f, int(b)) for m in MODELS for f in args.families.split(",")
              for b in args.batch_sizes.split(",")]
     print(f"device={args.device} threads={args.threads} whole-trial reps={args.reps} "
-          f"unit-cost rounds={args.rounds}; default schedule: every 50, 10 batches, "
-          f"8 histograms; {EPOCHS} epochs x {TRAIN}/B steps")
+          f"unit-cost rounds={args.rounds}; default schedule: every {EVERY}, {BATCHES} "
+          f"batches, {DEFAULT.histogram_points} histograms; {EPOCHS} epochs x {TRAIN}/B steps")
     rows = [whole_trials(c, data, args) | projected(c, data, args) for c in cells]
     print("\n(1) whole default trials, interleaved; share = median (T_probe - T_none) / T_probe")
-    print(f"{'model':5} {'family':6} {'B':>4} {'iters':>5} {'meas':>4} {'iters//50':>9} "
+    print(f"{'model':5} {'family':6} {'B':>4} {'iters':>5} {'meas':>4} {'iters//ev':>9} "
           f"{'hists':>5} {'none s':>7} {'probe s':>8} {'share':>6} {'+hist s':>8} {'share':>6}")
     for r in rows:
         print(f"{r['model']:5} {r['family']:6} {r['batch_size']:4d} {r['iterations']:5d} "
-              f"{r['measurements']:4d} {r['iterations'] // 50:9d} {r['histograms']:5d} "
+              f"{r['measurements']:4d} {r['iterations'] // EVERY:9d} {r['histograms']:5d} "
               f"{r['t_none_s']:7.3f} {r['t_probe_s']:8.3f} {r['share_probe']:6.1%} "
               f"{r['t_probe_hist_s']:8.3f} {r['share_probe_hist']:6.1%}")
     print("\n(2) unit costs (medians of interleaved rounds) and the share they imply for a "
-          "default trial;\n    every@10b: sparsest `every` meeting the 10% target at 10 "
-          "batches; batches@50: most batches meeting it at every 50")
+          f"default trial;\n    every@{BATCHES}b: sparsest `every` meeting the 10% target at "
+          f"{BATCHES} batches; batches@{EVERY}: most batches meeting it at every {EVERY}")
     print(f"{'model':5} {'family':6} {'B':>4} {'step ms':>8} {'meas ms':>8} {'hist ms':>8} "
-          f"{'meas/step':>9} {'share':>6} {'+hist':>6} {'every@10b':>9} {'batches@50':>10}")
+          f"{'meas/step':>9} {'share':>6} {'+hist':>6} {'every@Nb':>9} {'batches@ev':>10}")
     for r in rows:
         print(f"{r['model']:5} {r['family']:6} {r['batch_size']:4d} {r['step_ms']:8.3f} "
               f"{r['measure_ms']:8.2f} {r['histogram_ms']:8.2f} {r['measure_in_steps']:9.1f} "
               f"{r['projected_share']:6.1%} {r['projected_share_hist']:6.1%} "
-              f"{r['every_for_target_at_10_batches']:9d} "
-              f"{r['batches_for_target_at_every_50']:10d}")
+              f"{r['every_for_target']:9d} "
+              f"{r['batches_for_target']:10d}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": args.device, "threads": args.threads, "reps": args.reps,
@@ -195,19 +200,19 @@ def projected(cell: tuple, data: DataSplit, args) -> dict:
     m, f, b = cell
     step, meas, hist = unit_costs(m, f, b, data, args.device, args.rounds)
     iters = EPOCHS * (TRAIN // b)
-    n_meas = math.ceil(iters / 50)            # iterations 0, 50, ... < iters
+    n_meas = math.ceil(iters / EVERY)         # iterations 0, every, ... < iters
     train_s, meas_s = iters * step, n_meas * meas
-    hist_s = 8 * hist
+    hist_s = DEFAULT.histogram_points * hist
     in_steps = meas / step
     # share(every) = (c/every) / (1 + c/every) <= T  <=>  every >= c (1 - T) / T
     every = math.ceil(in_steps * (1 - TARGET) / TARGET)
-    # a measurement of k batches costs about k/10 of one of 10 batches
-    batches = math.floor(10 * 50 * TARGET / ((1 - TARGET) * in_steps))
+    # a measurement of k batches costs about k/BATCHES of one of BATCHES batches
+    batches = math.floor(BATCHES * EVERY * TARGET / ((1 - TARGET) * in_steps))
     return {"step_ms": step * 1e3, "measure_ms": meas * 1e3, "histogram_ms": hist * 1e3,
             "measure_in_steps": in_steps,
             "projected_share": meas_s / (train_s + meas_s),
             "projected_share_hist": (meas_s + hist_s) / (train_s + meas_s + hist_s),
-            "every_for_target_at_10_batches": every, "batches_for_target_at_every_50": batches}
+            "every_for_target": every, "batches_for_target": batches}
 
 
 if __name__ == "__main__":

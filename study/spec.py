@@ -141,8 +141,8 @@ class ResourcesSpec(Strict):
 class MeasureSpec(Strict):
     """Gradient-variance measurement (Faghri's get_Ege_var) on its own batches."""
 
-    every: int = Field(50, ge=0)              # iterations between measurements; 0 = off
-    batches: PositiveInt = 10                 # mini-batches per estimate (gviter)
+    every: int = Field(100, ge=0)             # iterations between measurements; 0 = off
+    batches: PositiveInt = 5                  # mini-batches per estimate (gviter)
     start: int = Field(0, ge=0)               # first iteration measured
     histograms: bool = True                   # per-layer |gradient| histograms
     histogram_points: PositiveInt = 8         # log-spaced iterations with a histogram
