@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter
 
 from analysis.style import (
     FAMILY_COLORS,
@@ -185,6 +186,7 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
         plain_log_ticks(axes[r, 1])
         for ax in axes[r]:
             ax.set_xlabel("gradient evaluations (examples)")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 50k, not 50000100000...
             ax.set_title(problem_label(problem), fontsize=10)
             ax.grid(True, alpha=0.3)
         legend_outside(axes[r, 1])
