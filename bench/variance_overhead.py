@@ -30,6 +30,7 @@ from study.data import DataSplit, epoch_generator
 from study.models import build_model
 from study.optim import make_optimizer
 from study.spec import MeasureSpec, load_spec
+from study.trial import probe_step, scheduled_work
 from study.variance import VarianceProbe
 
 DEFAULT_STUDY = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml")
@@ -61,17 +62,10 @@ def trial(model_name: str, family: str, bs: int, measure: MeasureSpec | None, da
         from study.optim import Context
         ctx = Context(model, loss_fn, data, bs, it, epoch, epoch_generator(0, epoch, -1))
         for idx in opt.sampler(len(data), bs, epoch_generator(0, epoch)):
-            ctx.iteration = it
-            for work in periodic:
-                if work.due("iter", it):
-                    work.run(ctx)
-            if probe is not None:
-                if probe.due(it):
-                    probe.measure(opt, it)
-                    n_meas += 1
-                if probe.histogram_due(it):
-                    probe.record_histogram(opt, it)
-                    n_hist += 1
+            scheduled_work(periodic, ctx, it)
+            n_meas += probe is not None and probe.due(it)
+            n_hist += probe is not None and probe.histogram_due(it)
+            probe_step(probe, opt, it)
             opt.step(opt.direction(data.batch(idx)))
             it += 1
         for work in periodic:

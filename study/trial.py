@@ -115,18 +115,11 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
         for idx in opt.sampler(len(train), bs, generator):
             it = c["iteration"]
             t0 = time.perf_counter()
-            ctx.iteration = it
-            for work in periodic:
-                if work.due("iter", it):
-                    c["grad_evals"] += work.run(ctx)
+            c["grad_evals"] += scheduled_work(periodic, ctx, it)
             c["time_s"] += time.perf_counter() - t0
-            if probe is not None:  # after the periodic work: a direction may need it
-                t0 = time.perf_counter()
-                if probe.due(it):
-                    log(probe.measure(opt, it), it)
-                if probe.histogram_due(it):
-                    probe.record_histogram(opt, it)
-                c["measure_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            probe_step(probe, opt, it, log)
+            c["measure_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             d = opt.direction(train.batch(idx))
             if not math.isfinite(d.loss) or d.loss > DIVERGENCE_FACTOR * c["initial_loss"]:
@@ -154,6 +147,29 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
         if stop_after is not None and c["epoch"] >= stop_after:
             break
     return metrics
+
+
+def scheduled_work(periodic: list, ctx: Context, iteration: int) -> int:
+    """Run the iteration-unit work due before step ``iteration``; return its cost."""
+    ctx.iteration = iteration
+    return sum(work.run(ctx) for work in periodic if work.due("iter", iteration))
+
+
+def probe_step(probe, opt, iteration: int, log: LogFn | None = None) -> int:
+    """The variance probe's work at ``iteration`` (after the scheduled work: a direction may
+    need it, e.g. SVRG's first snapshot). Returns how many things it recorded."""
+    if probe is None:
+        return 0
+    done = 0
+    if probe.due(iteration):
+        metrics = probe.measure(opt, iteration)
+        if log is not None:
+            log(metrics, iteration)
+        done += 1
+    if probe.histogram_due(iteration):
+        probe.record_histogram(opt, iteration)
+        done += 1
+    return done
 
 
 def _make_probe(spec: Spec, train: DataSplit, bs: int, seed: int, total: int):

@@ -16,6 +16,7 @@ from study import variance
 from study.data import DataSplit, UniformSampler, epoch_generator
 from study.optim import FAMILIES, Context, Optimizer, make_optimizer
 from study.spec import MeasureSpec
+from study.trial import probe_step, scheduled_work
 from study.variance import VarianceProbe, histogram_edges, log_spaced_iterations
 
 SEED = 3
@@ -49,15 +50,8 @@ def train(opt: Optimizer, data: DataSplit, batch_size: int, epochs: int,
         ctx = Context(opt.model, loss_fn, data, batch_size, it, epoch,
                       epoch_generator(SEED, epoch, -1))
         for idx in opt.sampler(len(data), batch_size, epoch_generator(SEED, epoch)):
-            ctx.iteration = it
-            for work in periodic:
-                if work.due("iter", it):
-                    work.run(ctx)
-            if probe is not None:
-                if probe.due(it):
-                    probe.measure(opt, it)
-                if probe.histogram_due(it):
-                    probe.record_histogram(opt, it)
+            scheduled_work(periodic, ctx, it)
+            probe_step(probe, opt, it)
             d = opt.direction(data.batch(idx))
             opt.step(d)
             losses.append(d.loss)
