@@ -36,6 +36,16 @@ def resolve_uri(uri: str, base: Path | None = None) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go to ``mlartifacts/`` beside the database (MLflow's own
+    default is ``./mlruns`` under whatever folder the driver runs in); a tracking server
+    decides for itself (None)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
+
+
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, before any trial starts, when the tracking server cannot be reached."""
     if not uri.startswith(("http://", "https://")):
@@ -56,7 +66,8 @@ def study_parent(uri: str, study: str, parent_run_id: str | None, params: dict[s
     sweep), else create the experiment if needed and a new parent run."""
     client = client_for(uri)
     exp = client.get_experiment_by_name(study)
-    exp_id = exp.experiment_id if exp else client.create_experiment(study)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        study, artifact_location=artifact_location(uri))
     if parent_run_id:
         client.set_terminated(parent_run_id, "RUNNING")
         return exp_id, parent_run_id

@@ -61,6 +61,7 @@ def test_tiny_study_end_to_end(tmp_path):
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "grad_hist.json" in artifacts
     assert seen == {("sgd", 0.05), ("sgd", 0.5), ("adam", 0.003)}
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
     report = tmp_path / "reports" / "e2e"
     assert (report / "summary.md").read_text().strip()
