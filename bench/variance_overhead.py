@@ -68,9 +68,7 @@ def trial(model_name: str, family: str, bs: int, measure: MeasureSpec | None, da
             probe_step(probe, opt, it)
             opt.step(opt.direction(data.batch(idx)))
             it += 1
-        for work in periodic:
-            if work.due("epoch", epoch + 1):
-                work.run(ctx)
+        scheduled_work(periodic, ctx, epoch + 1, "epoch")
     _sync(device)
     return time.perf_counter() - t0, n_meas, n_hist
 
@@ -87,9 +85,7 @@ def unit_costs(model_name: str, family: str, bs: int, data: DataSplit, device: s
     probe = VarianceProbe(SETUPS["measure+hist"], data, bs, 0, EPOCHS * steps)
     from study.optim import Context
     ctx = Context(model, loss_fn, data, bs, 0, 0, epoch_generator(0, 0, -1))
-    for work in opt.periodic():           # e.g. a snapshot a direction needs
-        if work.due("iter", 0):
-            work.run(ctx)
+    scheduled_work(opt.periodic(), ctx, 0)   # e.g. a snapshot a direction needs
     batches = [data.batch(idx) for idx in opt.sampler(len(data), bs, epoch_generator(0, 0))]
     step_t, meas_t, hist_t = [], [], []
 

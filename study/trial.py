@@ -133,9 +133,7 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
         c["epoch"] += 1
         if not c["diverged"]:
             t0 = time.perf_counter()
-            for work in periodic:
-                if work.due("epoch", c["epoch"]):
-                    c["grad_evals"] += work.run(ctx)
+            c["grad_evals"] += scheduled_work(periodic, ctx, c["epoch"], "epoch")
             c["time_s"] += time.perf_counter() - t0
         metrics = _epoch_metrics(model, opt, train, val, test, c, losses)
         log(metrics, c["iteration"])
@@ -149,10 +147,12 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
     return metrics
 
 
-def scheduled_work(periodic: list, ctx: Context, iteration: int) -> int:
-    """Run the iteration-unit work due before step ``iteration``; return its cost."""
-    ctx.iteration = iteration
-    return sum(work.run(ctx) for work in periodic if work.due("iter", iteration))
+def scheduled_work(periodic: list, ctx: Context, counter: int, unit: str = "iter") -> int:
+    """Run the work of ``unit`` due at ``counter`` (the iteration about to step, or the number
+    of finished epochs); return its cost in gradient evaluations."""
+    if unit == "iter":
+        ctx.iteration = counter
+    return sum(work.run(ctx) for work in periodic if work.due(unit, counter))
 
 
 def probe_step(probe, opt, iteration: int, log: LogFn | None = None) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from study.data import DataSplit, epoch_generator
 from study.optim.base import Context, Optimizer
+from study.trial import scheduled_work
 
 PERIODIC_STREAM = 1
 
@@ -26,13 +27,13 @@ def run_epochs(opt: Optimizer, ctx: Context, epochs: int, seed: int = 0) -> int:
         ctx.generator = epoch_generator(seed, ctx.epoch, PERIODIC_STREAM)
         sampler = opt.sampler(len(ctx.train), ctx.batch_size, epoch_generator(seed, ctx.epoch))
         for idx in sampler:
-            cost += sum(p.run(ctx) for p in periodics if p.due("iter", ctx.iteration))
+            cost += scheduled_work(periodics, ctx, ctx.iteration)
             d = opt.direction(ctx.train.batch(idx))
             opt.step(d)
             cost += d.grad_evals
             ctx.iteration += 1
         ctx.epoch += 1
-        cost += sum(p.run(ctx) for p in periodics if p.due("epoch", ctx.epoch))
+        cost += scheduled_work(periodics, ctx, ctx.epoch, "epoch")
     return cost
 
 

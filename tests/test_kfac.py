@@ -16,6 +16,7 @@ from study.data import DataSplit
 from study.grads.capture import capture
 from study.optim import FAMILIES, Context
 from study.optim.kfac_factors import covariance_a, covariance_g, sample_labels
+from study.trial import scheduled_work
 
 
 def per_example_ce(logits, y):
@@ -192,11 +193,9 @@ def test_other_parameters_keep_the_plain_gradient():
 def run_steps(opt, train, batch_size, steps, gen, start=0, losses=None):
     """The trial loop's order: periodic work due at this iteration, then direction, step."""
     ctx = Context(opt.model, per_example_ce, train, batch_size, 0, 0, gen)
+    periodic = opt.periodic()
     for it in range(start, start + steps):
-        ctx.iteration = it
-        for work in opt.periodic():
-            if work.due("iter", it):
-                work.run(ctx)
+        scheduled_work(periodic, ctx, it)
         idx = torch.randperm(len(train), generator=gen)[:batch_size]
         d = opt.direction(train.batch(idx))
         if losses is not None:
@@ -210,10 +209,9 @@ def steps_to_target(family, lr, train, target, max_steps, **options):
     opt = FAMILIES[family](model, per_example_ce, lr, **options)
     gen = torch.Generator().manual_seed(0)
     ctx = Context(model, per_example_ce, train, len(train), 0, 0, gen)
+    periodic = opt.periodic()
     for it in range(max_steps):
-        for work in opt.periodic():
-            if work.due("iter", it):
-                work.run(ctx)
+        scheduled_work(periodic, ctx, it)
         full = train.batch(torch.arange(len(train)))
         d = opt.direction(full)
         if not math.isfinite(d.loss):

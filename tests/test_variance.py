@@ -56,9 +56,7 @@ def train(opt: Optimizer, data: DataSplit, batch_size: int, epochs: int,
             opt.step(d)
             losses.append(d.loss)
             it += 1
-        for work in periodic:
-            if work.due("epoch", epoch + 1):
-                work.run(ctx)
+        scheduled_work(periodic, ctx, epoch + 1, "epoch")
     return losses
 
 
