@@ -58,8 +58,9 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
     _check_local_gpus(spec, address)
     load_splits(spec)  # generate / read the dataset once here: missing data fails now
 
+    fingerprint = spec_hash(spec)
     state = store.read_state()
-    if state and state.get("spec_hash") != spec_hash(spec) and not fresh:
+    if state and state.get("spec_hash") != fingerprint and not fresh:
         raise SpecError(f"{spec_path or spec.name}: the spec changed since the sweep stored in "
                         f"{store.study_uri}; run with --fresh to start a new sweep")
     if fresh:
@@ -76,10 +77,10 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
     exp_id, parent = study_parent(
         uri, spec.name, state.get("parent_run_id") if state else None,
         params={"dataset": spec.dataset.name, "epochs": spec.epochs, "search": spec.search.kind,
-                "num_trials": spec.num_trials(), "spec_hash": spec_hash(spec)},
+                "num_trials": spec.num_trials(), "spec_hash": fingerprint},
         artifacts={"spec.yaml": spec_text, "grid.json": spec.trials()})
     store.write_state({"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri,
-                       "spec_hash": spec_hash(spec)})
+                       "spec_hash": fingerprint})
 
     arms = {a["arm"]: a for a in spec.arms()}
     fn = tune.with_parameters(trainable, spec=spec, arms=arms,
