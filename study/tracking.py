@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -111,7 +110,6 @@ class TrialRun:
             self.logged: dict[str, int] = {}
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000])
                                                        for k, v in _flat_params(config).items()])
-        self.set_tag("node_id", os.environ.get("RAY_NODE_ID", ""))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log once per step: on resume, steps the store already holds are skipped (training
