@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-sweep: $(STAMP)            ## run (or resume) a study: make sweep SPACE=search_spaces/x.yaml
-	$(PY) -m study sweep $(SPACE)
+sweep: $(STAMP)            ## run (or resume) a study: make sweep SPACE=search_spaces/x.yaml [FRESH=1]
+	$(PY) -m study sweep $(SPACE) $(if $(FRESH),--fresh)
 
 report: $(STAMP)           ## tables + figures for a study: make report STUDY=default
 	$(PY) -m study report --study $(STUDY)

@@ -1,10 +1,18 @@
-"""``python -m study validate|sweep|report`` (``make sweep`` and ``make report`` call these)."""
+"""``python -m study validate|sweep|report`` (``make sweep`` and ``make report`` call these).
+
+A sweep runs the study, then writes its report, then prints a summary: the best setting per
+family, the trials by status, how long it took, and where to look next. Every expected
+failure is one ``error:`` line per problem naming the field or file, exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from study.spec import SpecError, load_spec
+
+INTERRUPTED_RC = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a spec; print the number of trials it resolves to")
     v.add_argument("spec")
-    s = sub.add_parser("sweep", help="run (or resume) a study")
+    s = sub.add_parser("sweep", help="run (or resume) a study, then write its report")
     s.add_argument("spec")
     s.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's tracking.uri)")
@@ -31,31 +39,98 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             spec = load_spec(args.spec)
-            print(f"{args.spec}: OK, study {spec.name!r}: {spec.num_trials()} trials "
+            print(f"{args.spec}: OK, study {spec.name!r}: {spec.num_trials():,} trials "
                   f"({spec.search.kind} search)")
-        elif args.command == "sweep":
-            from study.tune import run_study
+            return 0
+        if args.command == "sweep":
+            return _sweep(args)
+        from study.tracking import resolve_uri
 
-            spec = load_spec(args.spec)
-            result = run_study(spec, args.spec, address=args.address, storage=args.storage,
-                               tracking_uri=args.tracking_uri, fresh=args.fresh,
-                               report=not args.no_report)
-            if result.interrupted:
-                print(f"study {result.name}: interrupted; run the same command again to resume",
-                      file=sys.stderr)
-                return 130
-            print(f"study {result.name}: {result.statuses}; MLflow parent run "
-                  f"{result.parent_run_id} in {result.tracking_uri}")
-            if result.report_dir:
-                print(f"report: {result.report_dir}/index.md")
-        else:
-            from analysis.report import make_report
-            from study.tracking import resolve_uri
-
-            out = make_report(args.study, tracking_uri=resolve_uri(args.tracking_uri),
-                              results_dir=args.results, select=args.select)
-            print(f"report: {out}/index.md")
+        out = _report(args.study, resolve_uri(args.tracking_uri), args.results, args.select)
+        print(f"report: {out / 'index.html'}")
     except (SpecError, ConnectionError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).strip().splitlines() or [type(err).__name__]:
+            print(f"error: {line.strip()}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED_RC
     return 0
+
+
+def _report(study: str, tracking_uri: str | None, results=None, select="val_accuracy",
+            parent_run_id: str | None = None):
+    from analysis.report import make_report
+
+    return make_report(study, tracking_uri=tracking_uri, results_dir=results, select=select,
+                       parent_run_id=parent_run_id)
+
+
+def _sweep(args) -> int:
+    from study.tune import run_study
+
+    spec = load_spec(args.spec)
+    result = run_study(spec, args.spec, address=args.address, storage=args.storage,
+                       tracking_uri=args.tracking_uri, fresh=args.fresh)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.statuses.items()))
+    total = sum(result.statuses.values())
+    if result.interrupted:
+        print(f"study {result.name}: interrupted after {_duration(result.seconds)} ({counts}); "
+              f"run the same command again to resume", file=sys.stderr)
+        return INTERRUPTED_RC
+    print(f"\nstudy {result.name}: {total} trials in {_duration(result.seconds)}: {counts}")
+    if args.no_report:
+        print(f"report skipped; write it with: make report STUDY={result.name}")
+        return 0
+    started = time.monotonic()
+    try:
+        out = _report(result.name, result.tracking_uri, parent_run_id=result.parent_run_id,
+                      select=_selection(spec.search.metric))
+    except KeyboardInterrupt:
+        print(f"error: interrupted during the report; the sweep itself is complete: "
+              f"make report STUDY={result.name}", file=sys.stderr)
+        return INTERRUPTED_RC
+    _print_best(out)
+    print(f"report: {out / 'index.html'} ({_duration(time.monotonic() - started)}; also under "
+          f"report/ of MLflow parent run {result.parent_run_id})")
+    print(f"compare the runs: {_ui_command(result.tracking_uri)}")
+    return 0
+
+
+def _selection(metric: str) -> str:
+    """The report picks best settings by the study's own metric where it can."""
+    from analysis.tables import SELECTIONS
+
+    return metric if metric in SELECTIONS else "val_accuracy"
+
+
+def _print_best(report_dir) -> None:
+    from analysis.report import best_per_family
+
+    best = best_per_family(report_dir)
+    if best.empty:
+        print("no family has a usable trial (see the report's trial counts)")
+        return
+    print("best setting per family (seed mean at the setting chosen by validation):")
+    for row in best.itertuples(index=False):
+        val = f"val {100 * row.val_accuracy:.1f}%" if row.val_accuracy == row.val_accuracy else ""
+        test = (f"test {100 * row.test_accuracy:.1f}%"
+                if row.test_accuracy == row.test_accuracy else "every lr diverged")
+        print(f"  {row.model:<8} {row.family:<14} {row.variant:<10} lr={row.lr:<8.3g} "
+              f"bs={row.batch_size:<5} {val:<11} {test}")
+
+
+def _ui_command(uri: str) -> str:
+    from pathlib import Path
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if db == Path.cwd() / "mlflow.db":
+            return "make ui (then open http://127.0.0.1:5000)"
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri} in a browser"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"

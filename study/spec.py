@@ -3,16 +3,15 @@
 Everything a user can get wrong is caught here, before Ray or MLflow start: unknown keys,
 wrong types, non-positive learning rates, empty grids, unknown families / variants /
 options / datasets / models, batch sizes larger than the training set, GPU fractions above
-one. Errors name the field and the value (``SpecError``).
+one, unknown metrics, more trials than ``search.max_trials``. Every line of a ``SpecError`` is
+one problem: ``<file>: <dotted field>: <message> (got <value>)``.
 """
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,12 +19,26 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from study import contract
 from study.data import DATASETS
 from study.models import MODELS
+from study.plugins import import_plugin
+from study.plugins import resolve as resolve_plugin
+from study.spec_values import (  # SpecError is re-exported: callers import it from here
+    Problem,
+    SpecError,
+    check_name,
+    format_errors,
+    log_range_values,
+    model_label,
+    parse_lr,
+    read_yaml,
+)
 
 # Training-set sizes before any validation split, used to check batch sizes without loading.
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
@@ -34,13 +47,9 @@ INPUT_SHAPES = {"mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion_mnist": (1, 2
 MNIST1D_TRAIN_FRACTION = 0.8
 
 
-class SpecError(ValueError):
-    """A spec problem; the message names the field and the offending value."""
-
-
 def _one_of(value: str, choices, what: str) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose from {list(choices)}")
+        raise Problem(f"unknown {what} {value!r}; choose from {list(choices)}")
     return value
 
 
@@ -58,21 +67,24 @@ class LogRange(Strict):
     @model_validator(mode="after")
     def _ordered(self):
         if self.high < self.low:
-            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+            raise Problem(f"must be >= low ({self.low}) (got {self.high})", "high")
         return self
 
     def values(self) -> list[float]:
-        if self.num == 1:
-            return [self.low]
-        step = (math.log(self.high) - math.log(self.low)) / (self.num - 1)
-        return [float(f"{math.exp(math.log(self.low) + i * step):.6g}") for i in range(self.num)]
+        return log_range_values(self.low, self.high, self.num)
 
 
+# Written as a number (``0.1`` = ``[0.1]``), a list of numbers or ``{low, high, num}``;
+# ``parse_lr`` checks and normalizes it first, so each mistake gets one message.
 LRGrid = list[PositiveFloat] | LogRange
 
 
 def _grid(values: LRGrid) -> list[float]:
     return values.values() if isinstance(values, LogRange) else list(values)
+
+
+def _grid_len(values: LRGrid) -> int:
+    return values.num if isinstance(values, LogRange) else len(values)
 
 
 class DatasetSpec(Strict):
@@ -116,6 +128,15 @@ class FamilySpec(Strict):
     lr: LRGrid | None = None                  # overrides the study-wide lr grid
     options: dict[str, Any] = {}              # option -> value or list of values (a grid)
 
+    _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: parse_lr(v)))
+
+    def num_arms(self) -> int:
+        """Variants (the family's first when none is named) × option combinations, counted."""
+        n = len(self.variants) if self.variants else 1
+        for value in self.options.values():
+            n *= len(value) if isinstance(value, list) else 1
+        return n
+
 
 class SearchSpec(Strict):
     kind: Literal["grid", "optuna"] = "grid"
@@ -124,6 +145,15 @@ class SearchSpec(Strict):
     seed: int = 0
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
+    max_trials: PositiveInt = 10_000          # refuse studies with more trials than this
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, v):
+        if v not in contract.EPOCH_METRICS:
+            raise Problem(f"unknown metric {v!r}; a trial reports: "
+                          + ", ".join(contract.EPOCH_METRICS))
+        return v
 
 
 class SchedulerSpec(Strict):
@@ -153,12 +183,12 @@ class TrackingSpec(Strict):
 
 
 class Spec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1)
+    name: str                                # a folder name: results/<name>, reports/<name>
     dataset: DatasetSpec
     models: list[ModelSpec] = Field(min_length=1)
     epochs: PositiveInt
     seeds: list[int] = Field([0], min_length=1)
-    lr: LRGrid
+    lr: LRGrid | None = None                 # optional when every family sets its own lr
     batch_size: list[PositiveInt] = Field(min_length=1)
     families: dict[str, FamilySpec | None] = Field(min_length=1)
     search: SearchSpec = SearchSpec()
@@ -172,30 +202,43 @@ class Spec(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _import_plugins(cls, raw):
-        """Plugins register their families before ``families`` is validated."""
-        import importlib
-
-        for module in (raw.get("plugins") or []) if isinstance(raw, dict) else []:
+    def _import_plugins(cls, raw, info: ValidationInfo):
+        """Plugins register their families before ``families`` is validated; a plugin given
+        as a ``.py`` file is kept as an absolute path (relative to the spec's folder)."""
+        plugins = raw.get("plugins") if isinstance(raw, dict) else None
+        if not isinstance(plugins, list):
+            return raw
+        base = (info.context or {}).get("base")
+        resolved = [resolve_plugin(p, base) if isinstance(p, str) else p for p in plugins]
+        for entry in resolved:
+            if not isinstance(entry, str):
+                continue                     # the field's own validation names the type
             try:
-                importlib.import_module(module)
-            except ImportError as err:
-                raise ValueError(f"plugins: cannot import {module!r} ({err})") from None
-        return raw
+                import_plugin(entry)
+            except Exception as err:         # any failure to import is the spec's problem
+                raise Problem(f"cannot import {entry!r} ({type(err).__name__}: {err})",
+                              "plugins") from None
+        return {**raw, "plugins": resolved}
+
+    _name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+    _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: parse_lr(v)))
 
     @model_validator(mode="after")
     def _metric_exists(self):
-        if self.search.metric.startswith("val_") and self.dataset.val_fraction == 0:
-            raise ValueError(f"search.metric: {self.search.metric!r} needs a validation split, "
-                             "but dataset.val_fraction is 0")
+        if (self.search.metric in contract.VALIDATION_METRICS
+                and self.dataset.val_fraction == 0):
+            raise Problem(f"needs a validation split, but dataset.val_fraction is 0 "
+                          f"(got {self.search.metric!r})", "search.metric")
         return self
 
-    @field_validator("lr")
-    @classmethod
-    def _lr_nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("the learning-rate grid is empty")
-        return v
+    @model_validator(mode="after")
+    def _lr_for_every_family(self):
+        if self.lr is None:
+            for name, fam in self.families.items():
+                if fam.lr is None:
+                    raise Problem(f"no learning rates for family {name}: set lr at the top "
+                                  f"level or families.{name}.lr", f"families.{name}.lr")
+        return self
 
     @field_validator("families")
     @classmethod
@@ -205,17 +248,19 @@ class Spec(Strict):
         out = {}
         for name, fam in fams.items():
             if name not in FAMILIES:
-                raise ValueError(f"unknown optimizer family {name!r}; known: {sorted(FAMILIES)}")
+                raise Problem(f"unknown optimizer family {name!r}; known: {sorted(FAMILIES)}")
             fam = fam or FamilySpec()
             cls_ = FAMILIES[name]
             for v in fam.variants or []:
                 if v not in cls_.variants:
-                    raise ValueError(f"{name}.variants: unknown variant {v!r}; "
-                                     f"choose from {list(cls_.variants)}")
-            if isinstance(fam.lr, list) and not fam.lr:
-                raise ValueError(f"{name}.lr: the learning-rate grid is empty")
+                    raise Problem(f"unknown variant {v!r}; choose from {list(cls_.variants)}",
+                                  f"{name}.variants")
             for key, value in fam.options.items():
-                _check_option(name, cls_.options, key, value)
+                try:
+                    _check_option(name, cls_.options, key, value)
+                except ValueError as err:    # "<family>.options.<key>: <what>", value included
+                    where, _, what = str(err).partition(": ")
+                    raise Problem(what, where) from None
             out[name] = fam
         return out
 
@@ -224,9 +269,30 @@ class Spec(Strict):
         n = self.dataset.train_size()
         for b in self.batch_size:
             if b > n:
-                raise ValueError(f"batch_size: {b} is larger than the training set "
-                                 f"({n} examples of {self.dataset.name} after the "
-                                 "validation split)")
+                raise Problem(f"larger than the training set ({n:,} examples of "
+                              f"{self.dataset.name} after the validation split) (got {b})",
+                              "batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _trial_limit(self):
+        """Counted, never listed, and before ``_arms_build`` (which builds a model per arm)."""
+        limit, field = self.search.max_trials, "search.max_trials"
+        above = f"above the limit of {limit:,} (raise search.max_trials to run it)"
+        if self.search.kind == "grid":
+            if self.num_trials() > limit:
+                raise Problem(f"the grid has {self.num_trials():,} trials, {above}", field)
+            return self
+        if self.search.num_samples > limit:
+            raise Problem(f"search.num_samples asks for {self.search.num_samples:,} trials, "
+                          f"{above}", field)
+        if self.num_arms() > limit:          # Optuna's choices, each built by _arms_build
+            raise Problem(f"the search space has {self.num_arms():,} arms (models × "
+                          f"variants × option combinations), {above}", field)
+        for name in self.families:
+            if _grid_len(self._lr_of(name)) > limit:
+                raise Problem(f"family {name} has {_grid_len(self._lr_of(name)):,} "
+                              f"learning rates, {above}", field)
         return self
 
     @model_validator(mode="after")
@@ -243,19 +309,23 @@ class Spec(Strict):
                 model = build_model(arm["model"], INPUT_SHAPES[self.dataset.name], 10,
                                     **arm["model_options"])
             except ValueError as err:
-                raise ValueError(f"models: {err}") from None
+                raise Problem(f"{err} (got {arm['model']} with {arm['model_options']})",
+                              "models") from None
             try:
                 make_optimizer(arm["family"], model, torch.nn.functional.cross_entropy,
                                min(self.lr_grid(arm["family"])), arm["variant"], **arm["options"])
             except (ValueError, TypeError) as err:
-                raise ValueError(f"families.{arm['family']}: {err} "
-                                 f"(options {arm['options']})") from None
+                raise Problem(f"{err} (got variant {arm['variant']!r}, options "
+                              f"{arm['options']})", f"families.{arm['family']}") from None
         return self
 
     # -- derived ------------------------------------------------------------------------------
-    def lr_grid(self, family: str) -> list[float]:
+    def _lr_of(self, family: str) -> LRGrid:
         fam = self.families[family]
-        return _grid(fam.lr if fam and fam.lr is not None else self.lr)
+        return fam.lr if fam and fam.lr is not None else self.lr
+
+    def lr_grid(self, family: str) -> list[float]:
+        return _grid(self._lr_of(family))
 
     def arms(self) -> list[dict[str, Any]]:
         """Every (model, family, variant, options) combination, with a readable label."""
@@ -269,7 +339,7 @@ class Spec(Strict):
                 for variant in fam.variants or [FAMILIES[name].variants[0]]:
                     for combo in itertools.product(*grids.values()):
                         options = dict(zip(grids, combo))
-                        label = f"{_model_label(model, self.models)}/{name}/{variant}"
+                        label = f"{model_label(model, self.models)}/{name}/{variant}"
                         if varying:
                             label += "[" + ",".join(f"{k}={options[k]}" for k in varying) + "]"
                         arms.append({"arm": label, "model": model.name,
@@ -283,15 +353,17 @@ class Spec(Strict):
                 for arm in self.arms() for lr in self.lr_grid(arm["family"])
                 for bs in self.batch_size for seed in self.seeds]
 
+    def num_arms(self) -> int:
+        """``len(self.arms())``, counted."""
+        return len(self.models) * sum(fam.num_arms() for fam in self.families.values())
+
     def num_trials(self) -> int:
-        return len(self.trials()) if self.search.kind == "grid" else self.search.num_samples
-
-
-def _model_label(model: ModelSpec, models: list[ModelSpec]) -> str:
-    same = [m for m in models if m.name == model.name]
-    if len(same) == 1:
-        return model.name
-    return f"{model.name}{same.index(model)}"
+        """``len(self.trials())`` for a grid (counted, never listed); Optuna's num_samples."""
+        if self.search.kind != "grid":
+            return self.search.num_samples
+        per_model = sum(fam.num_arms() * _grid_len(self._lr_of(name))
+                        for name, fam in self.families.items())
+        return len(self.models) * per_model * len(self.batch_size) * len(self.seeds)
 
 
 def _check_option(family: str, defaults: dict[str, Any], key: str, value: Any) -> None:
@@ -321,31 +393,25 @@ def _check_option(family: str, defaults: dict[str, Any], key: str, value: Any) -
 # -- loading ---------------------------------------------------------------------------------
 
 def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; every problem (a missing file, a folder, binary bytes,
+    YAML syntax, a bad value) is a ``SpecError`` naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: YAML syntax error: {err}") from err
-    return parse_spec(raw, source=str(path))
+    return parse_spec(read_yaml(path), source=str(path), base=path.resolve().parent)
 
 
-def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
+def parse_spec(raw: Any, source: str = "<spec>", base: Path | None = None) -> Spec:
+    """Validate a spec mapping; ``base`` is the folder relative plugin files are in (the
+    spec file's folder; the working folder when None)."""
+    if raw is None:
+        raise SpecError(f"{source}: a spec is a mapping of fields, got an empty document")
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec is a mapping of fields, got {type(raw).__name__}")
     try:
-        return Spec.model_validate(raw)
+        return Spec.model_validate(raw, context={"base": base})
     except ValidationError as err:
-        raise SpecError(f"{source}: invalid spec\n" + _format(err)) from None
+        raise SpecError(_format(err, source)) from None
 
 
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("list[", "function-")))
-        msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) and value else f" (got {value!r})"
-        lines.append(f"  {loc}: {msg}{shown}" if loc else f"  {msg}")
-    return "\n".join(dict.fromkeys(lines))
+def _format(err: ValidationError, source: str = "<spec>") -> str:
+    """One line per problem: ``<source>: <dotted field>: <message> (got <value>)``."""
+    return format_errors(err, source)

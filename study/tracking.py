@@ -2,7 +2,9 @@
 
 Uses ``MlflowClient`` only (no global active run), so the driver and every trial process
 talk to the store independently. A trial finds its child run again by its Ray trial id, so
-a resumed trial keeps logging into the run it started, exactly once per step.
+a resumed trial keeps logging into the run it started, exactly once per step. A trial run's
+final status (``study.contract``) is written by the trial when it ends by itself and by the
+driver when Tune ends it (stopped by the scheduler, errored, interrupted).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-STATUSES = ("running", "finished", "diverged", "errored")
+from study import contract as C
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,12 +28,14 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(uri)
 
 
+SQLITE = "sqlite:///"
+
+
 def resolve_uri(uri: str, base: Path | None = None) -> str:
     """Make a relative ``sqlite:///file.db`` absolute, so trial processes (whose working
     directory Ray may change) write to the same store as the driver."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((base or Path.cwd()) / uri[len(prefix):])
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str((base or Path.cwd()) / uri[len(SQLITE):])
     return uri
 
 
@@ -39,10 +43,9 @@ def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go to ``mlartifacts/`` beside the database (MLflow's own
     default is ``./mlruns`` under whatever folder the driver runs in); a tracking server
     decides for itself (None)."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
+    if not uri.startswith(SQLITE):
         return None
-    return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
+    return (Path(uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -59,57 +62,134 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
             f"tracking.uri: the MLflow server at {uri} is unreachable ({err})") from None
 
 
-def study_parent(uri: str, study: str, parent_run_id: str | None, params: dict[str, Any],
-                 artifacts: dict[str, Any]) -> tuple[str, str]:
-    """(experiment id, parent run id): reuse ``parent_run_id`` when given (a resumed
-    sweep), else create the experiment if needed and a new parent run."""
+def open_store(uri: str, study: str) -> str:
+    """Open the tracking store and return the study's experiment id (created if new), so a
+    store that cannot be opened fails before anything starts, naming the file or server."""
+    where = uri[len(SQLITE):] if uri.startswith(SQLITE) else uri
+    check_sqlite_file(uri)
+    try:
+        client = client_for(uri)
+        exp = client.get_experiment_by_name(study)
+        return exp.experiment_id if exp else client.create_experiment(
+            study, artifact_location=artifact_location(uri))
+    except Exception as err:  # noqa: BLE001 - any store failure is reported the same way
+        client_for.cache_clear()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConnectionError(f"tracking.uri: cannot open the MLflow store {where} "
+                              f"({first[:300]})") from None
+
+
+def check_sqlite_file(uri: str) -> None:
+    """A sqlite store: its folder must exist and the file, if there, must be a database."""
+    import sqlite3
+
+    if not uri.startswith(SQLITE):
+        return
+    path = Path(uri[len(SQLITE):])
+    if not path.parent.is_dir():
+        raise ConnectionError(f"tracking.uri: the folder of the MLflow store {path} does not "
+                              "exist")
+    if not path.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as err:
+        problem = str(err)
+    if problem != "ok":
+        raise ConnectionError(f"tracking.uri: cannot open the MLflow store {path}: "
+                              f"{problem.splitlines()[0]} (move the file aside or fix the URI)")
+
+
+def study_parent(uri: str, exp_id: str, study: str, parent_run_id: str | None,
+                 params: dict[str, Any], artifacts: dict[str, Any]) -> str:
+    """The sweep's parent run: ``parent_run_id`` when given (a resumed sweep), else a new one
+    with the study's params and artifacts."""
     client = client_for(uri)
-    exp = client.get_experiment_by_name(study)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        study, artifact_location=artifact_location(uri))
     if parent_run_id:
         client.set_terminated(parent_run_id, "RUNNING")
-        return exp_id, parent_run_id
+        return parent_run_id
     run = client.create_run(exp_id, run_name=f"{study}-sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={"gradstudy.kind": "study", "gradstudy.study": study})
+                            tags={C.TAG_KIND: C.KIND_STUDY, C.TAG_STUDY: study})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in artifacts.items():
             path = Path(tmp) / name
             path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
             client.log_artifact(run.info.run_id, str(path))
-    return exp_id, run.info.run_id
+    return run.info.run_id
 
 
 def finish_parent(uri: str, parent_run_id: str, status: str = "FINISHED") -> None:
     client_for(uri).set_terminated(parent_run_id, status)
 
 
+def children(uri: str, experiment_id: str, parent_run_id: str, status: str | None = None):
+    """The sweep's trial runs (optionally only those whose status tag is ``status``)."""
+    client = client_for(uri)
+    query = f"tags.`{C.TAG_PARENT}` = '{parent_run_id}'"
+    if status:
+        query += f" and tags.`{C.TAG_STATUS}` = '{status}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
+    found = client_for(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
+                                       f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'",
+        max_results=1)
+    return found[0] if found else None
+
+
+def settle(uri: str, run_id: str, status: str, current: str | None = None) -> None:
+    """Give a trial run its final status tag and the MLflow run status that goes with it
+    (written only when it changes, so a run's end time stays the trial's own)."""
+    client = client_for(uri)
+    if current is None:
+        current = client.get_run(run_id).data.tags.get(C.TAG_STATUS)
+    if current != status:
+        client.log_batch(run_id, tags=[RunTag(C.TAG_STATUS, status)])
+        client.set_terminated(run_id, C.MLFLOW_STATUS[status])
+
+
+def mark_interrupted(uri: str, experiment_id: str, parent_run_id: str) -> int:
+    """Trials left running by a stopped sweep -> interrupted (they continue on resume)."""
+    runs = children(uri, experiment_id, parent_run_id, status=C.RUNNING)
+    for run in runs:
+        settle(uri, run.info.run_id, C.INTERRUPTED, current=C.RUNNING)
+    return len(runs)
+
+
 class TrialRun:
     """The child run of one trial."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 config: dict[str, Any], tags: dict[str, str]):
+                 config: dict[str, Any], tags: dict[str, str], dataset: dict[str, str]):
+        self.uri = uri
         self.client = client_for(uri)
-        found = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                          f"and tags.trial_id = '{trial_id}'", max_results=1)
+        found = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
         if found:
-            self.run_id = found[0].info.run_id
+            self.run_id = found.info.run_id
             self.logged = {k: max(m.step for m in self.client.get_metric_history(self.run_id, k))
-                           for k in found[0].data.metrics}
+                           for k in found.data.metrics}
+            self.client.log_batch(self.run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING)])
             self.client.set_terminated(self.run_id, "RUNNING")
         else:
-            name = f"{config['arm']} lr={config['lr']:g} bs={config['batch_size']}"
             run = self.client.create_run(
-                experiment_id, run_name=name,
-                tags={"mlflow.parentRunId": parent_run_id, "gradstudy.kind": "trial",
-                      "trial_id": trial_id, "status": "running", **tags})
+                experiment_id, run_name=run_name(config),
+                tags={C.TAG_PARENT: parent_run_id, C.TAG_KIND: C.KIND_TRIAL,
+                      C.TAG_TRIAL_ID: trial_id, C.TAG_STATUS: C.RUNNING, **tags})
             self.run_id = run.info.run_id
             self.logged: dict[str, int] = {}
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000])
                                                        for k, v in _flat_params(config).items()])
+            log_dataset(self.client, self.run_id, **dataset)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log once per step: on resume, steps the store already holds are skipped (training
@@ -130,8 +210,23 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str) -> None:
-        self.set_tag("status", status)
-        self.client.set_terminated(self.run_id, "FAILED" if status == "errored" else "FINISHED")
+        settle(self.uri, self.run_id, status, current=C.RUNNING)
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """What MLflow's run list shows (and cuts after ~30 characters): the family, lr and batch
+    size first, then the model, variant and any varying options."""
+    model, family, rest = (str(config["arm"]).split("/", 2) + ["", ""])[:3]
+    return f"{family} lr={config['lr']:.3g} bs={config['batch_size']} · {model}/{rest}"
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str,
+                context: str = "training") -> None:
+    """The trial's data as an MLflow dataset input (the runs table's Dataset column)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
 def _flat_params(config: dict[str, Any]) -> dict[str, Any]:

@@ -8,21 +8,23 @@ seeded per epoch, so a resumed trial reproduces an uninterrupted one bit for bit
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
 from study.models import build_model
 from study.optim import Context, make_optimizer
+from study.plugins import import_plugins
 from study.spec import Spec
 
 DIVERGENCE_FACTOR = 10.0     # a batch loss this many times the initial loss ends the trial
@@ -69,11 +71,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def import_plugins(spec: Spec) -> None:
-    for module in spec.plugins:
-        importlib.import_module(module)
-
-
 def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
               report: ReportFn | None = None, state: dict[str, Any] | None = None,
               device: str | torch.device = "cpu", stop_after: int | None = None) -> dict[str, Any]:
@@ -81,7 +78,7 @@ def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
     epochs (tests use it to interrupt a trial)."""
     log = log or (lambda metrics, step: None)
     report = report or (lambda metrics, state: None)
-    import_plugins(spec)
+    import_plugins(spec.plugins)
     seed = int(config["seed"])
     seed_everything(seed)
     train, val, test = load_splits(spec, device)
@@ -202,19 +199,24 @@ def trial_config(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dic
     if "trial" in config:
         return config["trial"]
     arm = arms[config["arm"]]
-    return {**arm, "lr": config[f"lr[{arm['family']}]"], "batch_size": config["batch_size"],
+    return {**arm, "lr": config[optuna_lr_key(arm["family"])], "batch_size": config["batch_size"],
             "seed": config["seed"]}
 
 
 def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]],
               tracking: dict[str, str]) -> None:
-    """The Ray Tune function trainable: one trial, logged to its MLflow child run."""
+    """The Ray Tune function trainable: one trial, logged to its MLflow child run.
+
+    It writes the run's final status when the trial ends by itself (finished / diverged /
+    errored). When Tune ends it (the scheduler stops it, the sweep is interrupted), ``report``
+    raises ``SystemExit`` here and the driver writes the status instead."""
     import logging
     import tempfile
 
     import ray
     from ray import tune
 
+    from study import contract as C
     from study.tracking import TrialRun
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
@@ -225,8 +227,9 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
                    ctx.get_trial_id(), {**cfg, "dataset": spec.dataset.name, "epochs": spec.epochs},
                    tags={"gradstudy.study": spec.name, "family": cfg["family"],
-                         "variant": cfg["variant"], "model": cfg["model"], "arm": cfg["arm"]})
-    run.set_tag("node_id", ray.get_runtime_context().get_node_id())  # where it ran (this attempt)
+                         "variant": cfg["variant"], "model": cfg["model"], "arm": cfg["arm"]},
+                   dataset=dataset_identity(spec))
+    run.set_tag(C.TAG_NODE_ID, ray.get_runtime_context().get_node_id())  # this attempt's node
     checkpoint = tune.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -236,15 +239,28 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         histograms = metrics.pop("histograms", None)
         if histograms and (metrics["epoch"] == spec.epochs or metrics["diverged"]):
-            run.log_json("grad_hist.json", histograms)
+            run.log_json(C.GRAD_HIST, histograms)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, os.path.join(d, "state.pt"))
-            tune.report({**metrics, "arm": cfg["arm"], "family": cfg["family"]},
+            tune.report({**metrics, "arm": cfg["arm"], "family": cfg["family"],
+                         C.RUN_ID_KEY: run.run_id},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
         final = run_trial(cfg, spec, log=run.log, report=report, state=state, device=device)
-    except BaseException:
-        run.end("errored")
+    except Exception:
+        run.end(C.ERRORED)
         raise
-    run.end("diverged" if final.get("diverged") else "finished")
+    run.end(C.DIVERGED if final.get("diverged") else C.FINISHED)
+
+
+def dataset_identity(spec: Spec) -> dict[str, str]:
+    """Name, digest and source of the study's data for MLflow's dataset inputs: the digest is
+    of the settings that generate / select it (same settings, same examples)."""
+    import hashlib
+
+    d = spec.dataset
+    digest = hashlib.sha256(d.model_dump_json().encode()).hexdigest()[:10]
+    size = f"-{d.size}" if d.size else ""
+    return {"name": f"{d.name}{size}", "digest": digest,
+            "source": str(Path(d.root).resolve() / d.name)}

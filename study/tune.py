@@ -1,30 +1,49 @@
-"""The study runner: a validated spec -> Ray Tune trials -> MLflow runs -> the first report.
+"""The study runner: a validated spec -> Ray Tune trials -> MLflow runs.
 
-Order of business, so bad input never starts anything: the spec is validated, the tracking
-store is checked, GPUs asked for are checked against what the cluster has, the dataset is
-prepared once on the driver (a missing dataset fails here), and only then do Ray trials
-start. Running the same command again resumes: Tune restores the experiment from
-``<storage>/<study>`` (finished trials are kept, unfinished ones continue from their
-checkpoints) and the sweep's MLflow parent run is reused (its id is kept in
-``<storage>/<study>/gradstudy.json``).
+Order of business, so bad input never starts anything: the spec is validated (by the
+caller), GPUs asked for are checked against the machine, the storage is checked writable,
+the tracking store is opened, the dataset is prepared once on the driver (a missing dataset
+fails here), and only then do Ray and the trials start. Running the same command again
+resumes: Tune restores the experiment from ``<storage>/<study>`` (finished trials are kept,
+unfinished ones continue from their checkpoints) and the sweep's MLflow parent run is reused
+(its id is kept in ``<storage>/<study>/gradstudy.json``). The report is the caller's next
+step (``study.cli``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-import re
+import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 
+from study import contract as C
+from study.plugins import plugin_folders
 from study.spec import Spec, SpecError
-from study.tracking import check_reachable, finish_parent, resolve_uri, study_parent
+from study.tracking import (
+    check_reachable,
+    check_sqlite_file,
+    children,
+    find_trial_run,
+    finish_parent,
+    mark_interrupted,
+    open_store,
+    resolve_uri,
+    settle,
+    study_parent,
+)
 
 STATE_FILE = "gradstudy.json"
+FRESH_HINT = "make sweep SPACE=<file> FRESH=1, or python -m study sweep <file> --fresh"
 
 
 @dataclass
@@ -34,88 +53,173 @@ class StudyResult:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    statuses: dict[str, int] = field(default_factory=dict)
-    report_dir: Path | None = None
+    statuses: dict[str, int] = field(default_factory=dict)   # trial runs by status tag
+    seconds: float = 0.0
     interrupted: bool = False
 
 
 def spec_hash(spec: Spec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    """What a resumed sweep must share with the stored one (raising the trial limit is not a
+    change of study)."""
+    dumped = spec.model_dump_json(exclude={"search": {"max_trials"}})
+    return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
 
 def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str | None = None,
-              storage: str | None = None, tracking_uri: str | None = None, fresh: bool = False,
-              report: bool = True) -> StudyResult:
+              storage: str | None = None, tracking_uri: str | None = None,
+              fresh: bool = False) -> StudyResult:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact status table below
-    import ray
-    from ray import tune
-
-    from study.trial import load_splits, trainable
+    started = time.monotonic()
+    from study.trial import load_splits
 
     uri = resolve_uri(tracking_uri or spec.tracking.uri)
-    check_reachable(uri)
-    store = Storage(storage or spec.storage, spec.name)
     _check_local_gpus(spec, address)
-    load_splits(spec)  # generate / read the dataset once here: missing data fails now
-
+    check_reachable(uri)
+    check_sqlite_file(uri)
+    store = Storage(storage or spec.storage, spec.name)
+    store.check_writable()
     fingerprint = spec_hash(spec)
-    state = store.read_state()
-    if state and state.get("spec_hash") != fingerprint and not fresh:
+    state = None if fresh else store.read_state()
+    if state and state.get("spec_hash") != fingerprint:
         raise SpecError(f"{spec_path or spec.name}: the spec changed since the sweep stored in "
-                        f"{store.study_uri}; run with --fresh to start a new sweep")
+                        f"{store.study_uri}; start a new sweep with {FRESH_HINT}")
+    if state and state.get("tracking_uri", uri) != uri:
+        raise SpecError(f"tracking.uri: the sweep stored in {store.study_uri} logs to "
+                        f"{state['tracking_uri']}, not {uri}; resume with that URI or start a "
+                        f"new sweep with {FRESH_HINT}")
+    exp_id = open_store(uri, spec.name)
+    load_splits(spec)  # generate / read the dataset once here: missing data fails now
     if fresh:
         store.set_aside(time.strftime("%Y%m%d-%H%M%S"))
-        state = None
+
+    import ray
 
     if not ray.is_initialized():
         # "local" always starts a private runtime: never attach to whatever cluster is running
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
+                 runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(spec)}})
     _check_cluster_gpus(spec)
 
     spec_text = Path(spec_path).read_text() if spec_path else yaml.safe_dump(spec.model_dump())
-    exp_id, parent = study_parent(
-        uri, spec.name, state.get("parent_run_id") if state else None,
+    parent = study_parent(
+        uri, exp_id, spec.name, state.get("parent_run_id") if state else None,
         params={"dataset": spec.dataset.name, "epochs": spec.epochs, "search": spec.search.kind,
-                "num_trials": spec.num_trials(), "spec_hash": fingerprint},
-        artifacts={"spec.yaml": spec_text, "grid.json": spec.trials()})
+                "scheduler": spec.scheduler.kind, "num_trials": spec.num_trials(),
+                "spec_hash": fingerprint},
+        artifacts={C.SPEC_ARTIFACT: spec_text,
+                   **({C.GRID_ARTIFACT: spec.trials()} if spec.search.kind == "grid" else {})})
     store.write_state({"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri,
                        "spec_hash": fingerprint})
+    out = StudyResult(spec.name, store.study_uri, uri, exp_id, parent)
+    try:
+        mark_interrupted(uri, exp_id, parent)   # left running by a sweep that was killed
+        tuner = _tuner(spec, store, uri, exp_id, parent)
+        with _quiet_ray_hints(), _own_sigint():
+            tuner.fit()
+        out.interrupted = _unfinished(store.study_uri) > 0
+    except BaseException:
+        mark_interrupted(uri, exp_id, parent)
+        finish_parent(uri, parent, "KILLED")
+        raise
+    if out.interrupted:   # Tune returns normally on Ctrl-C: the sweep is interrupted
+        mark_interrupted(uri, exp_id, parent)
+    finish_parent(uri, parent, "KILLED" if out.interrupted else "FINISHED")
+    out.statuses = dict(Counter(r.data.tags.get(C.TAG_STATUS, C.RUNNING)
+                                for r in children(uri, exp_id, parent)))
+    out.seconds = time.monotonic() - started
+    return out
+
+
+def _tuner(spec: Spec, store: Storage, uri: str, exp_id: str, parent: str):
+    from ray import tune
+
+    from study.search import new_tuner
+    from study.trial import trainable
 
     arms = {a["arm"]: a for a in spec.arms()}
     fn = tune.with_parameters(trainable, spec=spec, arms=arms,
                               tracking={"uri": uri, "experiment_id": exp_id,
                                         "parent_run_id": parent})
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    fn = tune.with_resources(fn, resources)
+    fn = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if tune.Tuner.can_restore(store.study_uri):
         print(f"Resuming the study stored in {store.study_uri}")
-        tuner = tune.Tuner.restore(store.study_uri, fn, resume_errored=True)
-    else:
-        tuner = _new_tuner(spec, fn, store.root_uri)
-    try:
-        grid = tuner.fit()
-    except BaseException:
-        finish_parent(uri, parent, "KILLED")
-        raise
-    statuses: dict[str, int] = {}
-    for result in grid:
-        status = ("errored" if result.error else
-                  "diverged" if (result.metrics or {}).get("diverged") else "finished")
-        statuses[status] = statuses.get(status, 0) + 1
-    out = StudyResult(spec.name, store.study_uri, uri, exp_id, parent, statuses)
-    if _unfinished(store.study_uri):
-        # Tune returns normally on Ctrl-C: the sweep is interrupted, not finished.
-        out.interrupted = True
-        finish_parent(uri, parent, "KILLED")
-        return out
-    finish_parent(uri, parent)
-    if report:
-        from analysis.report import make_report
+        return tune.Tuner.restore(store.study_uri, fn, resume_errored=True)
+    outcomes = TrialOutcomes(uri, exp_id, parent, spec.epochs)
+    return new_tuner(spec, fn, store.root_uri, callbacks=[outcomes])
 
-        out.report_dir = make_report(spec.name, tracking_uri=uri, results_dir=store.study_uri,
-                                     parent_run_id=parent)
-    return out
+
+class TrialOutcomes(Callback):
+    """On the driver: the final status of every trial Tune ends, written to its MLflow run.
+    A trial that ends by itself writes its own; one that Tune stops (ASHA, or the end of the
+    sweep) or that fails for good is settled here. Kept in Tune's experiment state (plain
+    data only), so a resumed sweep settles its trials the same way."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, epochs: int):
+        self.uri, self.experiment_id = uri, experiment_id
+        self.parent_run_id, self.epochs = parent_run_id, epochs
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if not result.get(C.RUN_ID_KEY):
+            return   # never reported: a trial removed before it started has no run
+        if result.get("diverged"):
+            status = C.DIVERGED
+        elif result.get("epoch", 0) >= self.epochs:
+            status = C.FINISHED
+        else:
+            status = C.STOPPED
+        settle(self.uri, result[C.RUN_ID_KEY], status)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = (trial.last_result or {}).get(C.RUN_ID_KEY)
+        if run_id is None:
+            run = find_trial_run(self.uri, self.experiment_id, self.parent_run_id,
+                                 trial.trial_id)
+            run_id = run.info.run_id if run else None
+        if run_id:
+            settle(self.uri, run_id, C.ERRORED)
+
+
+class _DropRayHints(logging.Filter):
+    """Ray's own advice on an interrupted run ("Resume experiment with: Tuner.restore(...)")
+    contradicts ours (run the same command again); the CLI says what to do instead."""
+
+    HINTS = ("Tuner.restore", "Resume experiment with", "Stop signal received",
+             "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(hint in message for hint in self.HINTS)
+
+
+@contextlib.contextmanager
+def _quiet_ray_hints():
+    drop = _DropRayHints()
+    loggers = [logging.getLogger(name)
+               for name in ("ray.tune.tune", "ray.tune.execution.tune_controller")]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _own_sigint():
+    """Tune installs its own Ctrl-C handler and leaves it behind when the sweep ends without
+    one; put ours back, so a Ctrl-C after the sweep (during the report) stops the program."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class Storage:
@@ -129,6 +233,27 @@ class Storage:
         self.study_uri = self.root_uri.rstrip("/") + "/" + study
         self.fs, self.path = pyarrow.fs.FileSystem.from_uri(
             self.study_uri if "://" in self.study_uri else "file://" + self.study_uri)
+
+    def check_writable(self) -> None:
+        """Write a probe file where the study will live, before anything starts; leave no
+        trace (folders it had to create are removed again)."""
+        import pyarrow.fs
+
+        missing = None
+        folder = self.path
+        while folder and self.fs.get_file_info(folder).type == pyarrow.fs.FileType.NotFound:
+            missing, folder = folder, folder.rsplit("/", 1)[0]
+        probe = f"{self.path}/.gradstudy-write-probe"
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+            if missing:
+                self.fs.delete_dir(missing)
+        except OSError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SpecError(f"storage: cannot write to {self.study_uri} ({reason})") from None
 
     def exists(self) -> bool:
         import pyarrow.fs
@@ -170,80 +295,11 @@ def _unfinished(study_uri: str) -> int:
     return sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
-def _new_tuner(spec: Spec, fn, storage_path: str):
-    from ray import tune
-
-    search_alg, param_space, num_samples = None, {"trial": tune.grid_search(spec.trials())}, 1
-    if spec.search.kind == "optuna":
-        search_alg, param_space = _optuna(spec), {}
-        num_samples = spec.search.num_samples
-    scheduler = None
-    if spec.scheduler.kind == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.epochs,
-                                  grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    return tune.Tuner(
-        fn, param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=spec.search.metric, mode=spec.search.mode, search_alg=search_alg,
-            scheduler=scheduler, num_samples=num_samples,
-            max_concurrent_trials=spec.resources.max_concurrent,
-            reuse_actors=True,  # a fresh worker costs seconds of imports per trial
-            trial_dirname_creator=_dirname),
-        run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage_path, verbose=1, progress_reporter=_reporter(spec),
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # Keep every (small) epoch checkpoint: pruning forces an experiment snapshot per
-            # checkpoint, which throttles short trials.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
-
-
-def _reporter(spec: Spec):
-    """Progress on the terminal: one row per trial, its arm, lr, batch size and metrics."""
-    from ray.tune import CLIReporter
-
-    params = ({"trial/arm": "arm", "trial/lr": "lr", "trial/batch_size": "bs"}
-              if spec.search.kind == "grid" else {"arm": "arm", "batch_size": "bs"})
-    return CLIReporter(parameter_columns=params, max_report_frequency=15,
-                       metric_columns={"epoch": "epoch", spec.search.metric: spec.search.metric,
-                                       "test_accuracy": "test_acc", "train_loss": "train_loss"},
-                       sort_by_metric=True, max_progress_rows=12, max_error_rows=5)
-
-
-def _optuna(spec: Spec):
-    """Define-by-run space: an arm (model/family/variant/options), then that family's lr
-    (log-uniform over its grid's range), a batch size and a seed."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    arms = spec.arms()
-    labels = [a["arm"] for a in arms]
-    families = {a["arm"]: a["family"] for a in arms}
-
-    def space(trial):
-        arm = trial.suggest_categorical("arm", labels)
-        lrs = spec.lr_grid(families[arm])
-        trial.suggest_float(f"lr[{families[arm]}]", min(lrs), max(lrs), log=True)
-        trial.suggest_categorical("batch_size", list(spec.batch_size))
-        trial.suggest_categorical("seed", list(spec.seeds))
-
-    sampler = (optuna.samplers.TPESampler(seed=spec.search.seed) if spec.search.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=spec.search.seed))
-    return OptunaSearch(space=space, metric=spec.search.metric, mode=spec.search.mode,
-                        sampler=sampler)
-
-
-def _dirname(trial) -> str:
-    cfg = trial.config.get("trial", trial.config)
-    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(cfg.get("arm", "trial")))
-    return f"{label}_{trial.trial_id}"[:120]
-
-
-def _pythonpath() -> str:
-    """Trial workers import what the driver can: the working folder and its PYTHONPATH."""
-    parts = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+def _pythonpath(spec: Spec) -> str:
+    """Trial workers import what the driver can: the working folder, its PYTHONPATH and the
+    folders of plugins given as files."""
+    parts = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+             *plugin_folders(spec.plugins)]
     return os.pathsep.join(dict.fromkeys(parts))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import time
@@ -87,6 +88,47 @@ CASES = [
      "no_such_plugin_mod"),
     ("val metric without a validation split", "dataset.val_fraction", 0, "search.metric",
      "val_accuracy"),
+    # the study name is a folder name
+    ("name ..", "name", "..", "name", "'..'"),
+    ("name .", "name", ".", "name", "'.'"),
+    ("name starting with .", "name", ".hidden", "name", "'.hidden'"),
+    ("name starting with -", "name", "-rf", "name", "'-rf'"),
+    ("name with a slash", "name", "a/b", "name", "'a/b'"),
+    ("name with a backslash", "name", "a\\b", "name", "'a\\\\b'"),
+    ("name going up", "name", "../escape", "name", "'../escape'"),
+    ("name with a space", "name", "my study", "name", "'my study'"),
+    ("name not ASCII", "name", "étude", "name", "'étude'"),
+    ("empty name", "name", "", "name", "''"),
+    # search.metric must be one a trial reports
+    ("unknown search metric", "search", {"metric": "val_acc"}, "search.metric", "'val_acc'"),
+    ("metric only the parent run has", "search", {"metric": "best/val_accuracy"},
+     "search.metric", "best/val_accuracy"),
+    # the trial limit
+    ("max_trials zero", "search", {"max_trials": 0}, "search.max_trials", "0"),
+    ("optuna num_samples above max_trials", "search", {"kind": "optuna", "num_samples": 20000},
+     "search.max_trials", "20,000"),
+    ("grid above max_trials", "seeds", list(range(10_001)), "search.max_trials", "10,001"),
+    # learning rates: a number, a list or {low, high, num}; one message per problem
+    ("lr scalar zero", "lr", 0, "lr", "(got 0)"),
+    ("lr scalar negative", "lr", -0.1, "lr", "(got -0.1)"),
+    ("lr text", "lr", "fast", "lr", "(got 'fast')"),
+    ("lr 1e-3 read as text", "lr", "1e-3", "lr", "(got '1e-3')"),
+    ("lr boolean", "lr", True, "lr", "(got True)"),
+    ("lr infinite", "lr", float("inf"), "lr", "(got inf)"),
+    ("lr list with text", "lr", [0.1, "x"], "lr.1", "(got 'x')"),
+    ("lr nested list", "lr", [[0.1]], "lr.0", "(got [0.1])"),
+    ("lr range low zero", "lr", {"low": 0, "high": 1.0, "num": 3}, "lr.low", "(got 0)"),
+    ("lr range num fractional", "lr", {"low": 0.1, "high": 1.0, "num": 2.5}, "lr.num",
+     "(got 2.5)"),
+    ("lr range num zero", "lr", {"low": 0.1, "high": 1.0, "num": 0}, "lr.num", "(got 0)"),
+    ("lr range without num", "lr", {"low": 0.1, "high": 1.0}, "lr", "needs num"),
+    ("lr range unknown key", "lr", {"low": 0.1, "high": 1.0, "num": 3, "step": 2}, "lr.step",
+     "(got 'step')"),
+    ("family lr scalar zero", "families.sgd.lr", 0, "families.sgd.lr", "(got 0)"),
+    ("family lr empty", "families.sgd.lr", [], "families.sgd.lr", "(got [])"),
+    ("family lr text", "families.sgd.lr", "fast", "families.sgd.lr", "(got 'fast')"),
+    ("family lr range high<low", "families.sgd.lr", {"low": 1.0, "high": 0.01, "num": 3},
+     "families.sgd.lr.high", "(got 0.01)"),
 ]
 
 
@@ -122,6 +164,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     with pytest.raises(SpecError) as err:
         load_spec(path)
     message = str(err.value)
+    assert "\n" not in message, message                      # one problem, one line
     assert str(path) in message and "YAML syntax error" in message
     assert "line 3" in message or "line 2" in message, message
 
@@ -159,3 +202,199 @@ def test_gpus_asked_of_a_machine_without_any(tmp_path):
     assert not (tmp_path / "mlflow.db").exists(), "MLflow store written"
     assert not (tmp_path / "results").exists(), "Tune results written"
     assert not (tmp_path / "mlartifacts").exists()
+
+
+# -- one line per problem ---------------------------------------------------------------------
+
+LR_FORMS = "give a number, a list of numbers > 0, or {low, high, num}"
+
+
+def problems(raw, source="<spec>") -> list[str]:
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw, source=source)
+    return str(err.value).splitlines()
+
+
+@pytest.mark.parametrize("case, path, value, field, shown", CASES, ids=[c[0] for c in CASES])
+def test_every_line_is_one_self_contained_problem(case, path, value, field, shown):
+    """The CLI prints each line as its own ``error:`` line: no header, no indented
+    continuation, each line naming the source and a field."""
+    for line in problems(broken(path, value), source="study.yaml"):
+        assert line.startswith("study.yaml: "), line
+        assert line == line.strip() and "invalid spec" not in line, line
+        _, field_named, message = line.split(": ", 2)
+        assert re.fullmatch(r"[\w.]+", field_named) and message, line
+
+
+def test_several_problems_are_several_lines():
+    raw = broken("epochs", 0)
+    raw["batch_size"] = [0]
+    raw["colour"] = "red"
+    lines = problems(raw, source="s.yaml")
+    assert lines == ["s.yaml: epochs: Input should be greater than 0 (got 0)",
+                     "s.yaml: batch_size.0: Input should be greater than 0 (got 0)",
+                     "s.yaml: colour: Extra inputs are not permitted (got 'red')"]
+
+
+def test_name_says_what_a_folder_name_may_hold():
+    assert problems(broken("name", "..")) == [
+        "<spec>: name: must be a plain folder name (letters, digits, _ . -, not starting with "
+        ". or -) (got '..')"]
+
+
+@pytest.mark.parametrize("name", ["default", "my_study", "run-2.v3", "A1", "_private", "x..y"])
+def test_plain_folder_names_are_accepted(name):
+    assert parse_spec(broken("name", name)).name == name
+
+
+def test_unknown_metric_lists_what_a_trial_reports():
+    from study import contract
+
+    [line] = problems(broken("search", {"metric": "val_acc"}))
+    assert line.startswith("<spec>: search.metric: unknown metric 'val_acc'; a trial reports: ")
+    for metric in contract.EPOCH_METRICS:
+        assert metric in line
+
+
+@pytest.mark.parametrize("metric", ["train_loss", "test_accuracy", "val_loss", "grad_evals"])
+def test_every_reported_metric_is_a_valid_search_metric(metric):
+    assert parse_spec(broken("search", {"metric": metric, "mode": "min"})).search.metric == metric
+
+
+@pytest.mark.parametrize("path", ["lr", "families.sgd.lr"])
+@pytest.mark.parametrize("value, message", [
+    (0, f"must be > 0 (got 0); {LR_FORMS}"),
+    ([0.1, -1.0], f"must be > 0 (got -1.0); {LR_FORMS}"),
+    ("fast", f"must be a number (got 'fast'); {LR_FORMS}"),
+    ([], "the learning-rate grid is empty (got [])"),
+    ({"low": 1.0, "high": 0.01, "num": 3}, "must be >= low (1.0) (got 0.01)"),
+], ids=["zero", "negative in a list", "text", "empty list", "high below low"])
+def test_one_clear_lr_message_per_problem(path, value, message):
+    """No union noise (``LogRange``, ``list[...]``): one line naming what is allowed."""
+    [line] = problems(broken(path, value))
+    assert line.startswith(f"<spec>: {path}"), line
+    assert line.endswith(message), line
+    assert "LogRange" not in line and "list[" not in line and "Input should" not in line
+
+
+def test_lr_zero_message_in_full():
+    assert problems(broken("lr", 0)) == [f"<spec>: lr: must be > 0 (got 0); {LR_FORMS}"]
+
+
+def test_lr_written_1e_minus_3_says_how_to_write_it():
+    [line] = problems(broken("lr", "1e-3"))
+    assert "(got '1e-3')" in line and "1.0e-3" in line
+    assert yaml.safe_load("lr: 1.0e-3")["lr"] == 0.001
+
+
+def test_no_lr_for_a_family_names_the_family():
+    raw = copy.deepcopy(VALID)
+    del raw["lr"]
+    raw["families"]["adam"] = {"lr": 0.001}
+    assert problems(raw) == ["<spec>: families.sgd.lr: no learning rates for family sgd: set lr "
+                             "at the top level or families.sgd.lr"]
+
+
+# -- the trial limit ----------------------------------------------------------------------------
+
+def million_trials(how: str) -> dict:
+    raw = copy.deepcopy(VALID)
+    raw["dataset"]["size"] = 5000                       # 3,600 training examples
+    if how == "lr x batch size":
+        raw["lr"] = {"low": 1e-4, "high": 1.0, "num": 1000}
+        raw["batch_size"] = list(range(1, 1001))
+    else:                                               # 1,000 x 1,000 option combinations
+        raw["families"]["sgd"]["options"] = {
+            "momentum": [i / 1000 for i in range(1000)],
+            "weight_decay": [i * 1e-6 for i in range(1000)]}
+    return raw
+
+
+@pytest.mark.parametrize("how", ["lr x batch size", "option grids"])
+def test_a_million_trial_grid_is_refused_at_once(how):
+    """Counted, not listed, and before any model is built for an arm."""
+    parse_spec(copy.deepcopy(VALID))                    # imports warm
+    start = time.perf_counter()
+    lines = problems(million_trials(how))
+    elapsed = time.perf_counter() - start
+    assert lines == ["<spec>: search.max_trials: the grid has 1,000,000 trials, above the limit "
+                     "of 10,000 (raise search.max_trials to run it)"]
+    assert elapsed < 2.0, f"took {elapsed:.1f}s to refuse"
+
+
+def test_an_optuna_space_of_a_million_arms_is_refused_at_once():
+    raw = million_trials("option grids")
+    raw["search"] = {"kind": "optuna", "num_samples": 50}
+    start = time.perf_counter()
+    [line] = problems(raw)
+    assert time.perf_counter() - start < 2.0
+    assert line.startswith("<spec>: search.max_trials: ") and "1,000,000 arms" in line
+
+
+def test_an_optuna_lr_grid_too_long_to_list_is_refused_at_once():
+    raw = broken("search", {"kind": "optuna"})
+    raw["lr"] = {"low": 1e-4, "high": 1.0, "num": 10**9}
+    start = time.perf_counter()
+    [line] = problems(raw)
+    assert time.perf_counter() - start < 2.0
+    assert "search.max_trials" in line and "1,000,000,000" in line
+
+
+def test_raising_max_trials_lets_a_large_grid_through_and_counts_it():
+    raw = million_trials("lr x batch size")
+    raw["search"] = {"max_trials": 1_000_000}
+    start = time.perf_counter()
+    spec = parse_spec(raw)
+    assert spec.num_trials() == 1_000_000
+    assert time.perf_counter() - start < 2.0
+
+
+def test_max_trials_defaults_to_ten_thousand():
+    assert parse_spec(copy.deepcopy(VALID)).search.max_trials == 10_000
+
+
+# -- files that are not specs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    b"\x00\xff\xfe\x01\x02binary",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10",
+    b"name: x\x00\nepochs: 1\n",
+    b"name: x\x01\n",
+], ids=["binary", "png", "nul byte", "control character"])
+def test_a_binary_file_is_not_a_spec(tmp_path, content):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a text (YAML) file"), message
+    assert "\n" not in message
+
+
+def test_a_folder_is_not_a_spec(tmp_path):
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path)
+    assert str(err.value) == f"{tmp_path}: is a folder, not a spec file"
+
+
+def test_an_empty_file_is_not_a_spec(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(SpecError, match="empty"):
+        load_spec(path)
+
+
+def test_a_spec_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(VALID).encode())
+    assert load_spec(path).name == VALID["name"]
+
+
+def test_validate_on_a_binary_file_is_an_error_line_not_a_traceback(tmp_path):
+    path = tmp_path / "picture.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    proc = subprocess.run([sys.executable, "-m", "study", "validate", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"{path}: not a text (YAML) file" in proc.stderr

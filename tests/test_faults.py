@@ -109,7 +109,7 @@ def test_lost_worker_node_trials_finish_elsewhere_from_checkpoints(tmp_path, sho
     remover = threading.Thread(target=remove_a_node_mid_way, daemon=True)
     remover.start()
     try:
-        result = run_study(spec, None, address=cluster.address, report=False)
+        result = run_study(spec, None, address=cluster.address)
     finally:
         remover.join(timeout=5)
         ray.shutdown()

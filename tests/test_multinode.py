@@ -76,8 +76,7 @@ def test_fractional_gpu_trials_fill_two_gpu_nodes(tmp_path, short_tmp, mlflow_se
     cluster.wait_for_nodes()
     try:
         spec = parse_spec(tiny_spec("multinode", tmp_path / "data", tmp_path / "results"))
-        result = run_study(spec, None, address=cluster.address, tracking_uri=mlflow_server.uri,
-                           report=False)
+        result = run_study(spec, None, address=cluster.address, tracking_uri=mlflow_server.uri)
         worker_ids = {w.node_id for w in workers}
     finally:
         ray.shutdown()

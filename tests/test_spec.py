@@ -72,3 +72,56 @@ def test_missing_file_is_a_spec_error(tmp_path):
 def test_option_values_a_family_rejects_fail_at_validation():
     with pytest.raises(SpecError, match=r"families\.svrg: .*snapshot_unit.*weeks"):
         parse_spec(base(families={"svrg": {"options": {"snapshot_unit": "weeks"}}}))
+
+
+def test_a_single_learning_rate_is_a_one_value_grid():
+    spec = parse_spec(base(lr=0.1, families={"sgd": None, "adam": {"lr": 3e-4}}))
+    assert spec.lr_grid("sgd") == [0.1]
+    assert spec.lr_grid("adam") == [3e-4]
+    assert spec.num_trials() == 2 * 2
+
+
+def test_top_level_lr_is_optional_when_every_family_sets_its_own():
+    raw = base(families={"sgd": {"lr": [0.1, 0.01]}, "adam": {"lr": {"low": 1e-4, "high": 1e-2,
+                                                                     "num": 3}}})
+    del raw["lr"]
+    spec = parse_spec(raw)
+    assert spec.lr is None
+    assert spec.lr_grid("sgd") == [0.1, 0.01]
+    assert spec.lr_grid("adam") == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert {t["family"] for t in spec.trials()} == {"sgd", "adam"}
+
+
+def test_num_trials_counts_exactly_what_trials_lists():
+    """Counted arithmetically (a million-trial grid is refused without listing it), so the
+    count must agree with the list on every kind of grid: option grids, families with their
+    own lr grids (a list, a range, a number), the default variant, several models and seeds."""
+    spec = parse_spec(base(
+        models=[{"name": "mlp", "widths": [8]}, {"name": "mlp", "widths": [16]},
+                {"name": "cnn", "channels": [4]}],
+        seeds=[0, 1, 2],
+        lr={"low": 0.01, "high": 1.0, "num": 3},
+        batch_size=[16, 32],
+        families={"sgd": {"variants": ["plain", "momentum"],
+                          "options": {"momentum": [0.5, 0.9], "weight_decay": [0.0, 1e-4, 1e-3]}},
+                  "adam": {"lr": [1e-3, 3e-3]},
+                  "snr": {"variants": ["I", "II"], "lr": 0.1, "options": {"alpha": [0.5, 1.0]}},
+                  "svrg": None}))
+    per_model = 2 * 2 * 3 * 3 + 1 * 2 + 2 * 2 * 1 + 1 * 3
+    assert spec.num_trials() == 3 * per_model * 2 * 3 == len(spec.trials())
+    assert spec.num_arms() == len(spec.arms())
+    assert len({(t["arm"], t["lr"], t["batch_size"], t["seed"]) for t in spec.trials()}) \
+        == spec.num_trials()
+
+
+def test_every_shipped_spec_counts_what_it_lists():
+    for path in (ROOT / "search_spaces").glob("*.yaml"):
+        spec = load_spec(path)
+        if spec.search.kind == "grid":
+            assert spec.num_trials() == len(spec.trials()), path
+
+
+def test_a_spec_survives_its_own_dump():
+    spec = parse_spec(base(lr=0.1, families={"sgd": None, "adam": {"lr": {"low": 1e-4,
+                                                                         "high": 1e-2, "num": 3}}}))
+    assert parse_spec(spec.model_dump()) == spec
