@@ -6,6 +6,7 @@ import logging
 import sys
 
 from analysis.report import make_report
+from analysis.summary import best_per_family, format_best
 from analysis.tables import SELECTIONS
 
 
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad option / study not found
         print(f"error: {err}", file=sys.stderr)
         return 2
+    best = best_per_family(out)
+    if not best.empty:
+        print(format_best(best))
     print(out / "index.html")
     return 0
 

@@ -31,6 +31,7 @@ from analysis.style import (
     save_png,
     skipped,
 )
+from study import contract as C
 
 __all__ = ["FAMILY_COLORS", "FigureResult", "arm_label", "arm_suffix", "family_color",
            "grad_histograms", "learning_curves", "lr_bs_heatmaps", "lr_sensitivity",
@@ -43,7 +44,9 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
     per family/variant (seed mean ± std); an x marks a diverged trial."""
     if metric not in trials.columns or trials[metric].notna().sum() == 0:
         return skipped(f"no {metric} logged")
-    data = trials[trials["status"] != "errored"]
+    data = trials[trials["status"].isin(C.RESULT_STATUSES)]
+    if data.empty or data[metric].notna().sum() == 0:
+        return skipped(f"no {metric} of a finished, stopped or diverged trial")
     problems, sizes = problems_of(data), sorted(data["batch_size"].dropna().unique())
     styles = arm_styles(data)
     fig, axes = panel_grid(len(problems), len(sizes), sharey="row")
@@ -55,13 +58,13 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
                         & (data["batch_size"] == size)]
             for (family, arm), part in cell.groupby(["family", "arm"]):
                 colour, style, _ = styles[(family, arm_suffix(arm))]
-                ok = part[part["status"] != "diverged"].groupby("lr")[metric]
+                ok = part[part["status"] != C.DIVERGED].groupby("lr")[metric]
                 stats = ok.agg(["mean", "std"]).reset_index()
                 if len(stats):
                     ax.errorbar(stats["lr"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0),
                                 color=colour, ls=style, marker="o", ms=4, capsize=2)
                     n_series += 1
-                bad = part[part["status"] == "diverged"]
+                bad = part[part["status"] == C.DIVERGED]
                 if len(bad):
                     y = 100 * bad[metric].fillna(0.0).clip(lower=0)
                     ax.scatter(bad["lr"], y, marker="x", s=60, color=colour, zorder=5)
@@ -85,13 +88,16 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
 def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
                    metric: str = "test_accuracy") -> FigureResult:
     """Seed-mean final accuracy on the LR × batch-size grid, one panel per problem × arm;
-    cells say 'div' where a seed diverged and 'err' where every seed errored."""
+    cells say 'div' where a seed diverged and 'err' where no seed is a result (errored,
+    interrupted or still running)."""
     if metric not in trials.columns or trials[metric].notna().sum() == 0:
         return skipped(f"no {metric} logged")
+    ok = trials[trials["status"].isin(set(C.RESULT_STATUSES) - {C.DIVERGED})]
+    if ok[metric].notna().sum() == 0:
+        return skipped(f"no {metric} of a finished or stopped trial")
     panels = sorted(trials[["dataset", "model", "arm", "family"]].drop_duplicates()
                     .itertuples(index=False, name=None),
                     key=lambda p: (p[0], p[1], family_order(p[3]), p[2]))
-    ok = trials[trials["status"] == "finished"]
     vmin, vmax = 100 * ok[metric].min(), 100 * ok[metric].max()
     n_cols = min(3, len(panels))
     n_rows = -(-len(panels) // n_cols)
@@ -111,13 +117,14 @@ def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
                 if cell.empty:
                     continue
                 n_cells += 1
-                if (cell["status"] == "diverged").any():
+                results = cell[cell["status"].isin(C.RESULT_STATUSES)]
+                if (results["status"] == C.DIVERGED).any():
                     text = "div"
-                elif (cell["status"] == "errored").all():
+                elif results.empty:
                     text = "err"
                 else:
-                    grid[i, j] = 100 * cell.loc[cell["status"] != "errored", metric].mean()
-                    text = f"{grid[i, j]:.1f}"
+                    grid[i, j] = 100 * results[metric].mean()
+                    text = f"{grid[i, j]:.1f}" if not np.isnan(grid[i, j]) else "–"
                 shade = np.isnan(grid[i, j]) or grid[i, j] < (vmin + vmax) / 2
                 ax.text(j, i, text, ha="center", va="center", fontsize=8 if len(lrs) < 12 else 6,
                         color="white" if shade and not np.isnan(grid[i, j]) else "black")
@@ -270,7 +277,7 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
     (problem, family) run, one line per logged iteration (darker = later)."""
     hists = {k: v for k, v in hists.items() if v and v.get("layers")}
     if not hists:
-        return skipped("no grad_hist.json artifacts available")
+        return skipped(f"no {C.GRAD_HIST} artifacts available")
     keys = sorted(hists)
     n_cols = min(3, len(keys))
     n_rows = -(-len(keys) // n_cols)

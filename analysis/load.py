@@ -1,7 +1,8 @@
 """Read a study's trials into two pandas frames, from MLflow or from Ray Tune's results folder.
 
-Only the names in the study/analysis contract (notes/contract.md) are relied on, so that the
-analysis never imports the training code. Both loaders return the same shape:
+Only the names in the study/analysis contract (``study/contract.py``: statuses, tags, metric
+keys, artifact names) are relied on, so that the analysis never imports the training code.
+Both loaders return the same shape:
 
 - ``trials``: one row per trial: config columns (lr, batch_size, seed, family, variant, model,
   arm, dataset, opt.*, model.*), the last logged value of every metric, status, run_id.
@@ -16,13 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from study import contract as C
+
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["run_id", "key", "step", "value"]
 _INT_PARAMS = ("batch_size", "seed", "epochs")
 _FLOAT_PARAMS = ("lr",)
 _STUDY_PARAMS = ("dataset", "epochs")
-_TAG_COLUMNS = ("family", "variant", "model", "arm", "trial_id", "status")
+_TAG_COLUMNS = (*C.TRIAL_TAGS, C.TAG_TRIAL_ID, C.TAG_STATUS)
 _TUNE_BOOKKEEPING = {
     "config", "training_iteration", "trial_id", "done", "timestamp", "date", "pid",
     "hostname", "node_ip", "time_this_iter_s", "time_total_s", "time_since_restore",
@@ -68,8 +71,8 @@ def _normalise_trials(trials: pd.DataFrame) -> pd.DataFrame:
     trials["arm"] = trials["arm"].fillna(
         trials["model"] + "/" + trials["family"] + "/" + trials["variant"])
     if "status" not in trials:
-        trials["status"] = "finished"
-    trials["status"] = trials["status"].fillna("finished")
+        trials["status"] = C.FINISHED
+    trials["status"] = trials["status"].fillna(C.FINISHED)
     return trials.reset_index(drop=True)
 
 
@@ -87,13 +90,13 @@ def find_parent_run(client, experiment_id: str, parent_run_id: str | None = None
     if parent_run_id:
         return client.get_run(parent_run_id)
     parents = client.search_runs(
-        [experiment_id], filter_string="tags.`gradstudy.kind` = 'study'",
+        [experiment_id], filter_string=f"tags.`{C.TAG_KIND}` = '{C.KIND_STUDY}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if parents:
         return parents[0]
     # Older or hand-made stores: the latest run that some other run names as its parent.
     runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
-    named = {r.data.tags.get("mlflow.parentRunId") for r in runs} - {None}
+    named = {r.data.tags.get(C.TAG_PARENT) for r in runs} - {None}
     for run in runs:
         if run.info.run_id in named:
             return run
@@ -109,6 +112,19 @@ def _search_all(client, experiment_id, filter_string):
         token = page.token
         if not token:
             return runs
+
+
+# An MLflow run status read beside a trial whose status tag still says running (or has none):
+# the sweep ended without the trial settling its own tag.
+_UNSETTLED = {"KILLED": C.INTERRUPTED, "FAILED": C.ERRORED}
+
+
+def _mlflow_trial_status(tag: str | None, run_status: str) -> str | None:
+    """The trial's status: its tag, unless the tag is missing or still ``running`` while
+    MLflow says the run was killed (-> interrupted) or failed (-> errored)."""
+    if tag in (None, C.RUNNING) and run_status in _UNSETTLED:
+        return _UNSETTLED[run_status]
+    return tag
 
 
 def _history(client, run_id, key):
@@ -131,7 +147,7 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
     if parent is None:
         raise StudyNotFoundError(f"study {study!r}: no parent (sweep) run in the experiment")
     pid = parent.info.run_id
-    runs = _search_all(client, experiment.experiment_id, f"tags.mlflow.parentRunId = '{pid}'")
+    runs = _search_all(client, experiment.experiment_id, f"tags.`{C.TAG_PARENT}` = '{pid}'")
     rows = []
     for run in runs:
         # study-wide params (dataset, epochs) may be logged on the parent only
@@ -141,8 +157,7 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
             if tag in run.data.tags:
                 row[tag] = run.data.tags[tag]
         _add_finals(row, run.data.metrics, configured=set(run.data.params))
-        if run.info.status in ("FAILED", "KILLED") and row.get("status") == "running":
-            row["status"] = "errored"
+        row["status"] = _mlflow_trial_status(row.get("status"), run.info.status)
         row["run_id"] = run.info.run_id
         row["parent_run_id"] = pid
         rows.append(row)
@@ -159,18 +174,18 @@ def load_mlflow(study: str, tracking_uri: str | None = None, parent_run_id: str 
 
 
 def download_grad_hist(tracking_uri: str | None, run_id: str, dst: Path) -> dict | None:
-    """The run's ``grad_hist.json`` artifact, or None when it has none."""
+    """The run's ``grad_hist.json`` artifact (``contract.GRAD_HIST``), or None without one."""
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
     try:
         names = {a.path for a in client.list_artifacts(run_id)}
-        if "grad_hist.json" not in names:
+        if C.GRAD_HIST not in names:
             return None
         dst.mkdir(parents=True, exist_ok=True)
-        local = client.download_artifacts(run_id, "grad_hist.json", str(dst))
+        local = client.download_artifacts(run_id, C.GRAD_HIST, str(dst))
     except (MlflowException, OSError) as err:  # store unreachable: skip the figure, not the report
-        log.warning("grad_hist.json of run %s could not be downloaded: %s", run_id, err)
+        log.warning("%s of run %s could not be downloaded: %s", C.GRAD_HIST, run_id, err)
         return None
     return json.loads(Path(local).read_text())
 
@@ -204,7 +219,7 @@ def _flatten_config(config: dict) -> dict:
         config = config["trial"]
     row = {}
     for key, value in config.items():
-        if key.startswith("lr[") and key.endswith("]"):
+        if C.parse_optuna_lr_key(key) is not None:
             row["lr"] = value
             continue
         if key == "options" and isinstance(value, dict):
@@ -226,11 +241,28 @@ def _names_from_arm(row: dict) -> None:
 
 def _tune_status(trial_dir: Path, results: list[dict]) -> str:
     if (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists():
-        return "errored"
+        return C.ERRORED
     diverged = [r.get("diverged") for r in results if r.get("diverged") is not None]
     if diverged and diverged[-1]:
-        return "diverged"
-    return "finished" if results else "errored"
+        return C.DIVERGED
+    return C.FINISHED if results else C.ERRORED
+
+
+def _last_epoch(results: list[dict]) -> float:
+    epochs = [r["epoch"] for r in results if isinstance(r.get("epoch"), (int, float))]
+    return max(epochs) if epochs else float("nan")
+
+
+def _short_trials(rows: list[dict], last_epochs: list[float], done: list[bool]) -> None:
+    """Tune's folder has no status of its own: a trial that ended cleanly before the study's
+    last epoch (its ``epochs`` param, else the most any trial trained) was stopped by the
+    scheduler when Tune marked its last result done, else the sweep was interrupted."""
+    known = [e for e in last_epochs if e == e]
+    configured = [r["epochs"] for r in rows if isinstance(r.get("epochs"), (int, float))]
+    full = max(configured) if configured else max(known, default=float("nan"))
+    for row, last, was_done in zip(rows, last_epochs, done):
+        if row["status"] == C.FINISHED and last < full:
+            row["status"] = C.STOPPED if was_done else C.INTERRUPTED
 
 
 def load_tune(results_dir: str | Path):
@@ -239,7 +271,7 @@ def load_tune(results_dir: str | Path):
     files = sorted(results_dir.glob("*/result.json"))
     if not files:
         raise StudyNotFoundError(f"results folder {results_dir}: no <trial>/result.json in it")
-    rows, points = [], []
+    rows, points, last_epochs, done = [], [], [], []
     for path in files:
         trial_dir = path.parent
         results = _read_result_lines(path)
@@ -268,6 +300,9 @@ def load_tune(results_dir: str | Path):
         _names_from_arm(row)
         row.update(run_id=run_id, trial_id=run_id, status=_tune_status(trial_dir, results))
         rows.append(row)
+        last_epochs.append(_last_epoch(results))
+        done.append(bool(results and results[-1].get("done")))
+    _short_trials(rows, last_epochs, done)
     trials = _normalise_trials(pd.DataFrame(rows))
     metrics = pd.DataFrame(points, columns=METRIC_COLUMNS)
     trials.attrs.update(source="tune", results_dir=str(results_dir), study=results_dir.name)

@@ -1,10 +1,11 @@
-"""One study -> ``reports/<study>/``: tables (CSV/Markdown/LaTeX), figures (PNG), ``index.md``,
-``index.html`` and the sweep's first report ``summary.md``/``summary.csv``; the folder is also
-logged under ``report/`` on the study's MLflow parent run so ``mlflow ui`` shows it.
+"""One study -> ``reports/<study>/``: tables (CSV/Markdown/LaTeX), figures (PNG), ``index.md``
+(relative links), a self-contained ``index.html`` (``analysis.html``), ``summary.md``/
+``summary.csv`` and ``best.csv`` (``analysis.summary``). Read from MLflow, the folder is also
+logged under ``report/`` (``contract.REPORT_DIR``) on the study's parent run, with the best
+metrics and a description, so ``mlflow ui`` shows it.
 """
 from __future__ import annotations
 
-import html
 import logging
 import os
 import tempfile
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import figures, tables
+from analysis import figures, summary, tables
 
 # One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from analysis.html import write_index_html
 from analysis.load import StudyNotFoundError, download_grad_hist, load_mlflow, load_tune
-from analysis.writer import Table, to_html, to_markdown, write_table
+from analysis.summary import best_per_family, format_best
+from analysis.writer import Table, to_markdown, write_table
+from study import contract as C
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +119,20 @@ def _source_line(trials, quote: str = "`") -> str:
     return f"Ray Tune results {quote}{attrs.get('results_dir')}{quote}"
 
 
-def _write_index_md(out, study, trials, select, summary, table_list, figs):
-    lines = [f"# Study `{study}`", "",
-             (f"Source: {_source_line(trials)}. Trials: {len(trials)}. "
-              f"Best LR selected by final `{select}`."), "",
-             "## Summary (best LR per model × family × batch size)", "",
-             "[summary.csv](summary.csv) · [summary.md](summary.md)", "", to_markdown(summary)]
+def _intro(trials, select, quote: str = "`") -> str:
+    text = (f"Source: {_source_line(trials, quote)}. {summary.status_line(trials)}. "
+            f"Best LR selected by final {quote}{select}{quote}; only finished, stopped and "
+            "diverged trials are results.")
+    if tables.usable(trials).empty:
+        text += " No trial is a result: the tables below are empty and no figure is drawn."
+    return text
+
+
+def _write_index_md(out, study, trials, select, sections, table_list, figs):
+    lines = [f"# Study `{study}`", "", _intro(trials, select), ""]
+    for _, title, note, files, frame in sections:
+        links = " · ".join(f"[{p.name}]({p.relative_to(out).as_posix()})" for p in files)
+        lines += [f"## {title}", "", note, "", links, "", to_markdown(frame)]
     for table in table_list:
         links = " · ".join(f"[{k}]({p.relative_to(out).as_posix()})"
                            for k, p in table.paths.items())
@@ -135,47 +147,16 @@ def _write_index_md(out, study, trials, select, summary, table_list, figs):
     (out / "index.md").write_text("\n".join(lines))
 
 
-_CSS = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-        "table.result{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
-        "table.result td,table.result th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-        "table.result th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}"
-        ".note{color:#555}")
-
-
-def _write_index_html(out, study, trials, select, summary, table_list, figs):
-    esc = html.escape
-    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(study)} report"
-              f"</title><style>{_CSS}</style></head><body>"),
-             (f"<h1>Study {esc(study)}</h1><p>Source: {esc(_source_line(trials, ''))}. Trials: "
-              f"{len(trials)}. Best LR selected by final {esc(select)}.</p>"),
-             "<h2>Summary (best LR per model × family × batch size)</h2>",
-             "<p><a href='summary.csv'>summary.csv</a> · <a href='summary.md'>summary.md</a></p>",
-             to_html(summary)]
-    for table in table_list:
-        links = " · ".join(f"<a href='{esc(p.relative_to(out).as_posix())}'>{k}</a>"
-                           for k, p in table.paths.items())
-        parts += [f"<h2 id='{esc(table.name)}'>{esc(table.title)}</h2>",
-                  f"<p class='note'>{esc(table.note)}</p><p>{links}</p>", to_html(table.frame)]
-    parts.append("<h2>Figures</h2>")
-    for name, fig in figs.items():
-        parts.append(f"<h3 id='fig-{name}'>{esc(name)}</h3>")
-        if fig.path:
-            rel = esc(fig.path.relative_to(out).as_posix())
-            parts.append(f"<p class='note'>{esc(FIGURE_CAPTIONS[name])}</p>"
-                         f"<a href='{rel}'><img src='{rel}' alt='{esc(name)}'></a>")
-        else:
-            parts.append(f"<p class='note'>Not drawn: {esc(fig.reason)}.</p>")
-    parts.append("</body></html>")
-    (out / "index.html").write_text("\n".join(parts))
-
-
-def _log_to_mlflow(trials, out: Path) -> None:
+def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float]) -> None:
+    """The report folder under ``report/`` on the parent run, the best metrics and the run's
+    description beside it."""
     if trials.attrs.get("source") != "mlflow":
         return
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=trials.attrs.get("tracking_uri"))
-    client.log_artifacts(trials.attrs["parent_run_id"], str(out), artifact_path="report")
+    uri, parent = trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"]
+    MlflowClient(tracking_uri=uri).log_artifacts(parent, str(out), artifact_path=C.REPORT_DIR)
+    summary.log_summary(uri, parent, metrics, note)
 
 
 def make_report(study: str, tracking_uri: str | None = None, results_dir=None, out_dir=None,
@@ -192,20 +173,33 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     table_list = [write_table(t, out / "tables") for t in tables.all_tables(
         trials, metrics, select, tolerance=tolerance, target_fraction=target_fraction)]
     best_lr = next(t for t in table_list if t.name == "best_lr").frame
-    summary = summary_frame(best_lr)
-    summary.to_csv(out / "summary.csv", index=False)
+    summary_table = summary_frame(best_lr)
+    summary_table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(
         f"# {study}: best LR per model × family × batch size (by final {select})\n\n"
-        + to_markdown(summary))
+        + to_markdown(summary_table))
+    best_rows = summary.best_frame(trials, select)
+    best_file = summary.write_best(best_rows, out)
+    sections = [
+        ("best", "Best setting per model × family",
+         f"The tuned setting of each family (by final {select}, seed means; accuracies as "
+         "fractions); blank where every LR diverged or no trial is a result.", [best_file],
+         tables.drop_redundant_arm(best_rows)),
+        ("summary", "Summary (best LR per model × family × batch size)", "",
+         [out / "summary.csv", out / "summary.md"], summary_table)]
     best = tables.best_settings(trials, select)
     cost = tables.cost_to_target_frame(trials, metrics, select, target_fraction=target_fraction)
     figs = make_figures(trials, metrics, best, cost, out / "figures")
-    _write_index_md(out, study, trials, select, summary, table_list, figs)
-    _write_index_html(out, study, trials, select, summary, table_list, figs)
+    _write_index_md(out, study, trials, select, sections, table_list, figs)
+    write_index_html(out, study=study, intro=_intro(trials, select, quote=""),
+                     sections=sections, table_list=table_list, figs=figs,
+                     captions=FIGURE_CAPTIONS)
     if log_to_mlflow:
-        _log_to_mlflow(trials, out)
+        _log_to_mlflow(trials, out, summary.description(study, trials, best_rows, select),
+                       summary.best_metrics(best_rows))
     log.info("report for %s written to %s", study, out)
     return out
 
 
-__all__ = ["Table", "load_study", "make_report", "summary_frame"]
+__all__ = ["Table", "best_per_family", "format_best", "load_study", "make_report",
+           "summary_frame"]

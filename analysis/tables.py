@@ -2,9 +2,12 @@
 critical batch size. Every function takes the frames of ``analysis.load`` and returns a
 ``Table`` (written by ``analysis.writer``); missing inputs give a table that says so.
 
-Conventions: accuracies are fractions in [0, 1] (as logged); a diverged trial's score is
-NaN, so a setting where any seed diverged is never selected; errored trials are infrastructure
-failures and are left out of every statistic except the counts.
+Conventions: accuracies are fractions in [0, 1] (as logged); the results are the trials whose
+status is one of ``contract.RESULT_STATUSES``: finished, stopped early by the scheduler (its
+final metrics are those of its last epoch) and diverged (its score is NaN, so a setting where
+any seed diverged is never selected). Errored, interrupted and still-running trials are not
+results and are left out of every statistic except the counts. Every table survives a study
+with no result left (it then says so).
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ import numpy as np
 import pandas as pd
 
 from analysis.writer import Table
+from study import contract as C
 
 SELECTIONS = {"val_accuracy": "max", "train_loss": "min", "test_accuracy": "max"}
 SETTING_KEYS = ("dataset", "model", "family", "variant", "arm", "batch_size")
 PROBLEM_KEYS = ("dataset", "model")
 REPORTED = ("test_accuracy", "val_accuracy", "train_loss", "grad_evals", "time_s")
-STATUSES = ("finished", "diverged", "errored", "running")
+STATUSES = C.STATUSES
 
 
 def keys_in(frame: pd.DataFrame, keys) -> list[str]:
@@ -43,13 +47,21 @@ def resolve_select(trials: pd.DataFrame, select: str) -> str:
         raise ValueError(f"select={select!r}: must be one of {sorted(SELECTIONS)}")
     if select in trials.columns and trials[select].notna().any():
         return select
+    if not _has_metrics(usable(trials)):  # nothing to select from: the tables say so
+        return select
     if select == "val_accuracy" and "test_accuracy" in trials.columns:
         return "test_accuracy"
     raise ValueError(f"select={select!r}: no trial logged that metric")
 
 
 def usable(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[trials["status"] != "errored"]
+    """The trials whose numbers are results (finished, stopped early, diverged)."""
+    return trials[trials["status"].isin(C.RESULT_STATUSES)]
+
+
+def _has_metrics(frame: pd.DataFrame) -> bool:
+    return any(m in frame.columns and frame[m].notna().any()
+               for m in (*SELECTIONS, "test_loss", "val_loss"))
 
 
 def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
@@ -57,8 +69,9 @@ def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
     select = resolve_select(trials, select)
     keys = keys_in(trials, SETTING_KEYS) + ["lr"]
     df = usable(trials).copy()
-    df["score"] = df[select].where(df["status"] != "diverged")
-    df["is_diverged"] = (df["status"] == "diverged").astype(int)
+    score = df[select] if select in df.columns else pd.Series(np.nan, index=df.index)
+    df["score"] = score.astype(float).where(df["status"] != C.DIVERGED)
+    df["is_diverged"] = (df["status"] == C.DIVERGED).astype(int)
     agg = {"score": lambda s: s.mean(skipna=False), "is_diverged": "sum", "run_id": list}
     agg.update({m: "mean" for m in keys_in(df, REPORTED)})
     out = df.groupby(keys, dropna=False).agg(agg).reset_index()
@@ -114,7 +127,9 @@ def final_accuracy_long(trials: pd.DataFrame, select: str = "val_accuracy") -> p
                      "mean": float(np.mean(acc)) if len(acc) else np.nan,
                      "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else np.nan,
                      "n_seeds": len(acc)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=keys_in(best, PROBLEM_KEYS + ("family", "arm",
+                                                                   "batch_size", "lr"))
+                        + ["mean", "std", "n_seeds"])
 
 
 def _mean_std(mean, std, n) -> str:
@@ -130,6 +145,10 @@ def final_accuracy_table(trials: pd.DataFrame, select: str = "val_accuracy") -> 
         return note_table("final_test_accuracy", "Final test accuracy",
                           "no test_accuracy metric was logged")
     long = final_accuracy_long(trials, select)
+    if long.empty:
+        return note_table("final_test_accuracy", "Final test accuracy",
+                          "no trial is a result (every trial errored, was interrupted or is "
+                          "still running)")
     long["cell"] = [_mean_std(m, s, n) for m, s, n in zip(long["mean"], long["std"],
                                                           long["n_seeds"])]
     rows = keys_in(long, PROBLEM_KEYS)
@@ -157,7 +176,8 @@ def tuneability_table(trials: pd.DataFrame, metric: str | None = None,
     out["share_within"] = out["n_within"] / out["n_lr"]
     return Table("tuneability", f"Tuneability: share of the LR grid within {tolerance:g} of "
                  f"the best final {metric}", drop_redundant_arm(out),
-                 "Diverged LRs count as outside; errored trials are left out of the grid.")
+                 "Diverged LRs count as outside; trials that are not results (errored, "
+                 "interrupted, running) are left out of the grid.")
 
 
 def _first_reach(history: pd.DataFrame, metric: str, target: float) -> pd.DataFrame:
@@ -182,7 +202,7 @@ def cost_to_target_frame(trials, metrics, select="val_accuracy", metric="test_ac
     problems = keys_in(trials, PROBLEM_KEYS)
     best = best_settings(trials, select)
     hist = metrics.merge(trials[["run_id", "status"] + problems + ["family"]], on="run_id")
-    hist = hist[hist["status"] != "errored"]
+    hist = hist[hist["status"].isin(C.RESULT_STATUSES)]
     rows = []
     for problem, part in hist.groupby(problems):
         reached = part.loc[part["key"] == metric, "value"].max()
@@ -215,7 +235,7 @@ def cost_to_target_table(trials, metrics, select="val_accuracy", metric="test_ac
     frame = cost_to_target_frame(trials, metrics, select, metric, target_fraction, target)
     if frame.empty:
         return note_table("cost_to_target", "Cost to reach the target",
-                          f"no {metric} history was logged")
+                          f"no {metric} history of a finished, stopped or diverged trial")
     goal = (f"{target:g}" if target is not None
             else f"{target_fraction:g} × the best {metric} any trial reached")
     return Table("cost_to_target", f"Cost to reach {metric} ≥ target ({goal})",
@@ -226,15 +246,25 @@ def cost_to_target_table(trials, metrics, select="val_accuracy", metric="test_ac
 
 
 def status_counts_table(trials: pd.DataFrame) -> Table:
-    counts = pd.crosstab(trials["family"], trials["status"])
-    for status in STATUSES:
-        if status not in counts:
-            counts[status] = 0
-    extra = [c for c in counts.columns if c not in STATUSES]
-    counts = counts[list(STATUSES) + extra]
-    counts["total"] = counts.sum(axis=1)
+    counts = status_counts(trials, by="family")
     return Table("trial_counts", "Trials per family by status", counts.reset_index(),
-                 "diverged = loss became non-finite (a result); errored = the trial crashed.")
+                 "stopped = stopped early by the scheduler (a result, with fewer epochs); "
+                 "diverged = loss became non-finite (a result); errored = the trial crashed; "
+                 "interrupted = the sweep was interrupted (it continues on resume); running = "
+                 "still training when the store was read. Only finished, stopped and diverged "
+                 "trials enter the other tables.")
+
+
+def status_counts(trials: pd.DataFrame, by: str = "family") -> pd.DataFrame:
+    """Trials per ``by`` × status: the contract's statuses in order, any other after them,
+    then the total."""
+    counts = pd.crosstab(trials[by], trials["status"]) if len(trials) else pd.DataFrame(
+        index=pd.Index([], name=by))
+    extra = [c for c in counts.columns if c not in STATUSES]
+    counts = counts.reindex(columns=list(STATUSES) + extra, fill_value=0).astype(int)
+    counts.columns.name = None
+    counts["total"] = counts.sum(axis=1)
+    return counts
 
 
 def critical_batch_table(trials, metrics, select="val_accuracy",
@@ -246,7 +276,7 @@ def critical_batch_table(trials, metrics, select="val_accuracy",
                           f"no {key} metrics were recorded in this study")
     problems = keys_in(trials, PROBLEM_KEYS)
     best = best_settings(trials, select)
-    ok = trials[~trials["status"].isin(["errored", "diverged"])]
+    ok = trials[trials["status"].isin(set(C.RESULT_STATUSES) - {C.DIVERGED})]
     noise = metrics[(metrics["key"] == key) & metrics["run_id"].isin(ok["run_id"])]
     noise = noise.merge(trials[["run_id", "family"] + problems], on="run_id")
     rows = []
@@ -267,6 +297,8 @@ def critical_batch_table(trials, metrics, select="val_accuracy",
                      "best_batch_size": setting["batch_size"] if pd.notna(setting["score"])
                      else np.nan,
                      "batch_size_grid": " ".join(str(b) for b in grid)})
+    if not rows:
+        return note_table("critical_batch_size", title, "no trial is a result")
     return Table("critical_batch_size", title, pd.DataFrame(rows),
                  "b_simple_pooled_tuned = mean tr(Σ) / mean |G|² over every measurement of "
                  "the tuned setting (McCandlish et al. average numerator and denominator "

@@ -105,19 +105,14 @@ def _selection(metric: str) -> str:
 
 
 def _print_best(report_dir) -> None:
-    from analysis.report import best_per_family
+    from analysis.summary import best_per_family, format_best
 
     best = best_per_family(report_dir)
-    if best.empty:
+    if best.empty or best["lr"].isna().all():
         print("no family has a usable trial (see the report's trial counts)")
         return
-    print("best setting per family (seed mean at the setting chosen by validation):")
-    for row in best.itertuples(index=False):
-        val = f"val {100 * row.val_accuracy:.1f}%" if row.val_accuracy == row.val_accuracy else ""
-        test = (f"test {100 * row.test_accuracy:.1f}%"
-                if row.test_accuracy == row.test_accuracy else "every lr diverged")
-        print(f"  {row.model:<8} {row.family:<14} {row.variant:<10} lr={row.lr:<8.3g} "
-              f"bs={row.batch_size:<5} {val:<11} {test}")
+    print("best setting per family (seed means at the setting the selection metric chose):")
+    print("\n".join("  " + line for line in format_best(best).splitlines()))
 
 
 def _ui_command(uri: str) -> str:

@@ -185,7 +185,8 @@ class _DropRayHints(logging.Filter):
     contradicts ours (run the same command again); the CLI says what to do instead."""
 
     HINTS = ("Tuner.restore", "Resume experiment with", "Stop signal received",
-             "Trials did not complete")
+             "Trials did not complete",
+             "Failed to fetch metrics")   # trials an interrupted sweep had not started yet
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -196,7 +197,8 @@ class _DropRayHints(logging.Filter):
 def _quiet_ray_hints():
     drop = _DropRayHints()
     loggers = [logging.getLogger(name)
-               for name in ("ray.tune.tune", "ray.tune.execution.tune_controller")]
+               for name in ("ray.tune.tune", "ray.tune.execution.tune_controller",
+                            "ray.tune.analysis.experiment_analysis")]
     for logger in loggers:
         logger.addFilter(drop)
     try:
@@ -281,17 +283,10 @@ class Storage:
 def _unfinished(study_uri: str) -> int:
     """Trials the saved experiment state still lists as to be run. (After Ctrl-C, Tune's
     in-memory results call every trial terminated; the state it saved for resuming does not.)"""
-    import logging
-
     from ray.tune import ExperimentAnalysis
 
-    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns about every trial without results yet
-    try:
+    with _quiet_ray_hints():
         trials = ExperimentAnalysis(study_uri).trials
-    finally:
-        quiet.setLevel(level)
     return sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 

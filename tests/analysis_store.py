@@ -1,9 +1,11 @@
-"""A small but realistic MLflow store, laid out as notes/contract.md says a sweep writes it.
+"""A small but realistic MLflow store, laid out as ``study/contract.py`` says a sweep writes it.
 
 Used by the analysis figure and report tests (not collected itself: no ``test_`` prefix).
 Curves are synthetic but shaped like training: accuracy rises towards a ceiling that
-depends on the distance of log10(lr) from each family's best LR; one trial diverges, one
-errors.
+depends on the distance of log10(lr) from each family's best LR; by default one trial
+diverges, one errors (per model). ``outcome`` decides another status per trial: a stopped
+trial logs fewer epochs, an interrupted (or still running) one part of them, an errored one
+nothing; the MLflow run status follows ``contract.MLFLOW_STATUS`` unless ``outcome`` names it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from study import contract as C
+
 STUDY = "demo"
 MODELS = ("mlp", "cnn")
 FAMILIES = {"sgd": -1.0, "adam": -2.5, "svrg": -1.0}  # family -> log10 of its best LR
@@ -22,6 +26,8 @@ LRS = {"sgd": (0.01, 0.1, 1.0), "adam": (0.0003, 0.003, 0.03), "svrg": (0.01, 0.
 BATCH_SIZES = (32, 128)
 TRAIN_SIZE = 512
 EPOCHS = 3
+EPOCHS_LOGGED = {C.FINISHED: EPOCHS, C.DIVERGED: EPOCHS, C.STOPPED: 1, C.INTERRUPTED: 2,
+                 C.RUNNING: 2, C.ERRORED: 0}
 HIST_EDGES = [float(e) for e in np.linspace(-8.0, 1.0, 19)]
 
 
@@ -45,7 +51,7 @@ def _grad_hist(rng):
     return {"iterations": iterations, "layers": layers}
 
 
-def _trial_metrics(model, family, lr, batch_size, seed, diverge):
+def _trial_metrics(model, family, lr, batch_size, seed, diverge, epochs=EPOCHS):
     """Metric list (key, value, step) of one trial, per epoch + variance measurements."""
     from mlflow.entities import Metric
 
@@ -55,7 +61,7 @@ def _trial_metrics(model, family, lr, batch_size, seed, diverge):
     work = {"svrg": 2.0}.get(family, 1.0)  # svrg's snapshot passes cost extra gradients
     now = int(time.time() * 1000)
     out = []
-    for epoch in range(1, EPOCHS + 1):
+    for epoch in range(1, epochs + 1):
         step = epoch * steps_per_epoch
         acc = 0.1 + (ceiling - 0.1) * (1 - math.exp(-epoch / 1.2)) + rng.normal(0, 0.004)
         loss = 2.3 * math.exp(-epoch * ceiling) + 0.05
@@ -67,7 +73,7 @@ def _trial_metrics(model, family, lr, batch_size, seed, diverge):
                   "time_s": epoch * (0.5 + 0.1 * work), "lr": lr,
                   "diverged": float(diverge and epoch >= 2)}
         out += [Metric(k, float(v), now, step) for k, v in values.items()]
-    for step in (1, steps_per_epoch, EPOCHS * steps_per_epoch):
+    for step in (1, steps_per_epoch, epochs * steps_per_epoch):
         scale = {"svrg": 0.5, "adam": 0.8}.get(family, 1.0)
         var = scale * 10 ** (-2 + 0.3 * math.log10(step + 1)) / batch_size
         gnorm = 0.5 / math.sqrt(step + 1)
@@ -78,17 +84,31 @@ def _trial_metrics(model, family, lr, batch_size, seed, diverge):
     return out
 
 
-def build_store(root: Path, with_hist: bool = True) -> str:
-    """Create the store under ``root``; returns its tracking URI."""
+def default_outcome(model, family, lr, batch_size, seed):
+    """One diverged (sgd at lr 1, batch 32) and one errored (svrg at lr 1, batch 32) trial
+    per model, the rest finished."""
+    if family == "sgd" and lr == 1.0 and batch_size == 32:
+        return C.DIVERGED
+    if family == "svrg" and lr == 1.0 and batch_size == 32:
+        return C.ERRORED
+    return C.FINISHED
+
+
+def build_store(root: Path, with_hist: bool = True, tracking_uri: str | None = None,
+                outcome=default_outcome) -> str:
+    """Create the store under ``root`` (or in the tracking server at ``tracking_uri``, which
+    keeps its own artifacts); returns its tracking URI. ``outcome(model, family, lr,
+    batch_size, seed)`` gives a trial's status tag, or (status tag, MLflow run status)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     root.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment(STUDY, artifact_location=(root / "mlartifacts").as_uri())
+    exp_id = client.create_experiment(STUDY, artifact_location=None if tracking_uri else (
+        root / "mlartifacts").as_uri())
     parent = client.create_run(exp_id, run_name=f"{STUDY}-sweep-0", tags={
-        "gradstudy.kind": "study", "gradstudy.study": STUDY})
+        C.TAG_KIND: C.KIND_STUDY, C.TAG_STUDY: STUDY})
     client.log_batch(parent.info.run_id, params=[Param("dataset", "mnist1d"),
                                                  Param("epochs", str(EPOCHS))])
     rng = np.random.default_rng(0)
@@ -98,30 +118,32 @@ def build_store(root: Path, with_hist: bool = True) -> str:
                 for batch_size in BATCH_SIZES:
                     seeds = (0, 1) if lr == 10 ** FAMILIES[family] or family == "adam" else (0,)
                     for seed in seeds:
-                        diverge = family == "sgd" and lr == 1.0 and batch_size == 32
-                        errored = family == "svrg" and lr == 1.0 and batch_size == 32
-                        status = "diverged" if diverge else "errored" if errored else "finished"
+                        status = outcome(model, family, lr, batch_size, seed)
+                        status, run_status = (status if isinstance(status, tuple)
+                                              else (status, C.MLFLOW_STATUS[status]))
+                        epochs = EPOCHS_LOGGED[status]
                         arm = f"{model}/{family}/default"
-                        tags = {"mlflow.parentRunId": parent.info.run_id,
-                                "gradstudy.kind": "trial", "gradstudy.study": STUDY,
+                        tags = {C.TAG_PARENT: parent.info.run_id,
+                                C.TAG_KIND: C.KIND_TRIAL, C.TAG_STUDY: STUDY,
                                 "family": family, "variant": "default", "model": model,
-                                "arm": arm, "trial_id": f"t{rng.integers(1e9)}",
-                                "status": status}
+                                "arm": arm, C.TAG_TRIAL_ID: f"t{rng.integers(1e9)}",
+                                C.TAG_STATUS: status}
                         run = client.create_run(exp_id, tags=tags)
                         rid = run.info.run_id
                         params = {"lr": lr, "batch_size": batch_size, "seed": seed,
                                   "family": family, "variant": "default", "model": model,
                                   "dataset": "mnist1d", "epochs": EPOCHS, "model.width": 64}
-                        metrics = [] if errored else _trial_metrics(
-                            model, family, lr, batch_size, seed, diverge)
+                        metrics = _trial_metrics(model, family, lr, batch_size, seed,
+                                                 status == C.DIVERGED, epochs) if epochs else []
                         client.log_batch(rid, metrics=metrics, params=[
                             Param(k, str(v)) for k, v in params.items()])
-                        if with_hist and not errored and seed == 0:
-                            path = root / "tmp_hist" / rid / "grad_hist.json"
+                        if with_hist and epochs and seed == 0:
+                            path = root / "tmp_hist" / rid / C.GRAD_HIST
                             path.parent.mkdir(parents=True)
                             path.write_text(json.dumps(_grad_hist(rng)))
                             client.log_artifact(rid, str(path))
-                        client.set_terminated(rid, "FAILED" if errored else "FINISHED")
+                        if run_status != "RUNNING":
+                            client.set_terminated(rid, run_status)
     return uri
 
 

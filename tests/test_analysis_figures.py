@@ -9,6 +9,7 @@ from PIL import Image
 
 from analysis import figures, tables
 from analysis.load import StudyNotFoundError, download_grad_hist, load_mlflow
+from study import contract as C
 
 _spec = importlib.util.spec_from_file_location(
     "analysis_store", Path(__file__).with_name("analysis_store.py"))
@@ -39,11 +40,11 @@ def _check_png(result: figures.FigureResult):
 def test_loader_reads_every_child_run_of_the_latest_sweep(study):
     _, trials, metrics, _ = study
     assert len(trials) == 56
-    assert trials["status"].value_counts().to_dict() == {"finished": 52, "diverged": 2,
-                                                         "errored": 2}
+    assert trials["status"].value_counts().to_dict() == {C.FINISHED: 52, C.DIVERGED: 2,
+                                                         C.ERRORED: 2}
     assert set(trials["family"]) == set(store.FAMILIES)
     assert trials["lr"].dtype.kind == "f" and str(trials["batch_size"].dtype) == "Int64"
-    one = trials[trials["status"] == "finished"].iloc[0]["run_id"]
+    one = trials[trials["status"] == C.FINISHED].iloc[0]["run_id"]
     acc = metrics[(metrics["run_id"] == one) & (metrics["key"] == "test_accuracy")]
     assert len(acc) == store.EPOCHS
     final = trials.set_index("run_id").loc[one, "test_accuracy"]
@@ -58,10 +59,10 @@ def test_loader_defaults_to_the_latest_parent_and_accepts_an_explicit_one(study)
     exp = client.create_experiment("two_sweeps")
     parents = []
     for n_children in (2, 1):
-        parent = client.create_run(exp, tags={"gradstudy.kind": "study"})
+        parent = client.create_run(exp, tags={C.TAG_KIND: C.KIND_STUDY})
         for _ in range(n_children):
-            child = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id,
-                                                 "family": "sgd", "status": "finished"})
+            child = client.create_run(exp, tags={C.TAG_PARENT: parent.info.run_id,
+                                                 "family": "sgd", C.TAG_STATUS: C.FINISHED})
             client.log_param(child.info.run_id, "lr", "0.1")
         parents.append(parent.info.run_id)
     client.log_param(parents[1], "dataset", "mnist1d")  # study-wide: on the parent only

@@ -11,6 +11,7 @@ import pytest
 from analysis import tables
 from analysis.load import load_tune
 from analysis.writer import Table, to_latex, to_markdown, write_table
+from study import contract as C
 
 NAN = float("nan")
 
@@ -141,10 +142,63 @@ def test_cost_to_target_default_is_a_fraction_of_the_best_accuracy_reached():
     assert _row(frame, family="sgd")["grad_evals_to_target"] == np.median([640.0, 960.0])
 
 
-def test_status_counts_per_family():
-    frame = tables.status_counts_table(synthetic_trials()).frame.set_index("family")
+def test_status_counts_per_family_in_the_contract_order():
+    trials = synthetic_trials()
+    trials.loc[trials["run_id"] == "a1", "status"] = C.STOPPED
+    trials.loc[trials["run_id"] == "a2", "status"] = C.INTERRUPTED
+    frame = tables.status_counts_table(trials).frame
+    assert list(frame.columns) == ["family", *C.STATUSES, "total"]
+    frame = frame.set_index("family")
     assert frame.loc["sgd", ["finished", "diverged", "errored", "total"]].tolist() == [5, 1, 0, 6]
-    assert frame.loc["adam", ["finished", "diverged", "errored", "total"]].tolist() == [6, 0, 1, 7]
+    assert frame.loc["adam"].tolist() == [4, 1, 0, 1, 1, 0, 7]
+
+
+def test_stopped_trials_are_results_interrupted_and_running_ones_are_not():
+    trials = synthetic_trials()
+    trials.loc[trials["run_id"].isin(["s3", "s4"]), "status"] = C.STOPPED  # their last values
+    trials.loc[trials["run_id"] == "a3", "status"] = C.INTERRUPTED
+    trials.loc[trials["run_id"] == "a4", "status"] = C.RUNNING
+    best = tables.best_lr_table(trials).frame
+    sgd, adam = _row(best, family="sgd"), _row(best, family="adam")
+    assert sgd["best_lr"] == 0.1 and sgd["val_accuracy"] == pytest.approx(0.82)
+    assert adam["best_lr"] == 1e-2 and adam["n_lr"] == 2  # lr 1e-3 has no result left
+    counts = tables.status_counts_table(trials).frame.set_index("family")
+    assert counts.loc["adam", [C.INTERRUPTED, C.RUNNING]].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("status", [C.ERRORED, C.INTERRUPTED, C.RUNNING, C.STOPPED])
+def test_every_table_survives_a_study_whose_every_trial_has_one_status(status):
+    trials = synthetic_trials().assign(status=status)
+    if status == C.ERRORED:  # an errored trial logged nothing
+        trials = trials.drop(columns=["val_accuracy", "test_accuracy", "train_loss"])
+    result = tables.all_tables(trials, synthetic_metrics())
+    assert [t.name for t in result] == ["best_lr", "final_test_accuracy", "tuneability",
+                                         "cost_to_target", "trial_counts", "critical_batch_size"]
+    counts = result[4].frame.set_index("family")
+    assert (counts[status] == counts["total"]).all() and counts["total"].sum() == len(trials)
+    final = result[1].frame
+    if status == C.STOPPED:  # results: the same answers as finished trials
+        assert final.loc[0, "sgd"] == "80.00 ± 2.83"
+        assert _row(result[0].frame, family="adam")["best_lr"] == 1e-3
+    else:
+        assert list(final.columns) == ["note"]
+        assert result[0].frame.empty and list(result[5].frame.columns) == ["note"]
+
+
+def test_load_tune_tells_stopped_from_interrupted_trials(tmp_path):
+    study = tmp_path / "demo"
+    for name, epochs, done in (("full", 3, False), ("asha", 1, True), ("cut", 2, False)):
+        trial = study / name
+        trial.mkdir(parents=True)
+        config = {"arm": "mlp/sgd/default", "lr[sgd]": 0.1, "batch_size": 32, "seed": 0}
+        (trial / "params.json").write_text(json.dumps(config))
+        lines = [{"epoch": e, "iteration": 10 * e, "test_accuracy": 0.5, "diverged": 0,
+                  "training_iteration": e, "done": done and e == epochs}
+                 for e in range(1, epochs + 1)]
+        (trial / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    trials, _ = load_tune(study)
+    assert trials.set_index("run_id")["status"].to_dict() == {
+        "full": C.FINISHED, "asha": C.STOPPED, "cut": C.INTERRUPTED}
 
 
 def test_critical_batch_size_median_noise_scale_and_missing_metrics():

@@ -98,12 +98,15 @@ def test_lost_worker_node_trials_finish_elsewhere_from_checkpoints(tmp_path, sho
             if len(mid_way) == len(spec.lr):
                 victim = next(n for n in nodes
                               if any(r.data.tags.get("node_id") == n.node_id for r in mid_way))
+                cluster.remove_node(victim)
+                # Which of its trials were lost is read after the node is gone (a trial may
+                # have finished between the observation above and the removal).
+                lost["at"] = int(time.time())
+                _, runs = trial_runs(uri, "lostnode")
                 lost.update(node=victim.node_id,
                             trials={r.data.tags["trial_id"]: int(r.data.metrics["epoch"])
-                                    for r in mid_way
-                                    if r.data.tags.get("node_id") == victim.node_id})
-                lost["at"] = int(time.time())
-                cluster.remove_node(victim)
+                                    for r in runs if r.data.tags.get("node_id") == victim.node_id
+                                    and r.data.tags.get("status") != "finished"})
                 lost["replacement"] = cluster.add_node(num_cpus=2).node_id
 
     remover = threading.Thread(target=remove_a_node_mid_way, daemon=True)

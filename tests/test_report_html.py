@@ -1,7 +1,9 @@
-"""The report folder of a contract-shaped MLflow store: files, links, MLflow artifacts, and
-index.html opened in headless Chromium with every <img> checked to have loaded."""
+"""The report folder of a contract-shaped MLflow store: files, links, MLflow artifacts, the
+parent run's summary (best metrics, description, best.csv), and index.html opened in headless
+Chromium with every <img> checked to have loaded."""
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import importlib.util
@@ -16,6 +18,8 @@ import pandas as pd
 import pytest
 
 from analysis.report import make_report
+from analysis.summary import BEST_COLUMNS, best_per_family, format_best
+from study import contract as C
 
 _spec = importlib.util.spec_from_file_location(
     "analysis_store", Path(__file__).with_name("analysis_store.py"))
@@ -33,7 +37,7 @@ CHECK_PAGE = """<!DOCTYPE html><html><body><pre id="result">pending</pre>
 document.getElementById('report').addEventListener('load', function () {
   var imgs = this.contentDocument.images, out = [];
   for (var i = 0; i < imgs.length; i++)
-    out.push(imgs[i].getAttribute('src') + '=' + (imgs[i].complete ? imgs[i].naturalWidth : -1));
+    out.push(imgs[i].alt + '=' + (imgs[i].complete ? imgs[i].naturalWidth : -1));
   document.getElementById('result').textContent = 'images:' + imgs.length + ';' + out.join(';');
 });
 </script></body></html>"""
@@ -50,14 +54,23 @@ def _chromium() -> str | None:
 class _Links(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.hrefs = [], []
+        self.images, self.links, self.ids = [], [], set()
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
         if tag == "img":
-            self.images.append(attrs["src"])
+            self.images.append((attrs["alt"], attrs["src"]))
         if tag == "a":
-            self.hrefs.append(attrs["href"])
+            self.links.append((attrs["href"], attrs.get("download")))
+
+
+def _data(uri: str) -> tuple[str, bytes]:
+    """(mime type, bytes) of a base64 data URI."""
+    match = re.fullmatch(r"data:([\w/.+-]+);base64,([A-Za-z0-9+/=]+)", uri)
+    assert match, uri[:80]
+    return match.group(1), base64.b64decode(match.group(2), validate=True)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +83,7 @@ def report(tmp_path_factory):
 
 def test_report_folder_has_every_table_figure_and_summary(report):
     _, out = report
-    for name in ("index.md", "index.html", "summary.md", "summary.csv"):
+    for name in ("index.md", "index.html", "summary.md", "summary.csv", "best.csv"):
         assert (out / name).stat().st_size > 0, name
     for table in ("best_lr", "final_test_accuracy", "tuneability", "cost_to_target",
                   "trial_counts", "critical_batch_size"):
@@ -87,12 +100,33 @@ def test_report_folder_has_every_table_figure_and_summary(report):
     assert md.count("![") == 6 and "| adam | sgd | svrg |" in md
 
 
-def test_every_link_and_image_in_index_html_resolves(report):
+def test_index_html_is_self_contained_and_index_md_links_resolve(report):
+    """index.html needs no file beside it (MLflow previews it in a sandboxed blob: iframe):
+    every image is a data URI of the figure's PNG, every link a data URI download of a report
+    file or an anchor on the page. index.md keeps its relative links."""
     _, out = report
     parser = _Links()
     parser.feed((out / "index.html").read_text())
     assert len(parser.images) == 6
-    for target in parser.images + parser.hrefs:
+    for name, src in parser.images:
+        mime, data = _data(src)
+        assert mime == "image/png" and data[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert data == (out / "figures" / f"{name}.png").read_bytes(), name
+    files = {p.name: p for p in out.rglob("*") if p.is_file()}
+    downloads = [(href, name) for href, name in parser.links if not href.startswith("#")]
+    assert len(downloads) == 3 + 3 * 6  # best.csv, summary.csv/.md, each table's csv/md/tex
+    for href, name in downloads:
+        mime, data = _data(href)
+        assert name in files and data == files[name].read_bytes(), name
+        assert mime == {".csv": "text/csv", ".md": "text/markdown",
+                        ".tex": "application/x-tex"}[Path(name).suffix], (name, mime)
+    anchors = [href[1:] for href, _ in parser.links if href.startswith("#")]
+    assert anchors and set(anchors) <= parser.ids
+    assert not re.search(r"""(?:src|href)=['"](?!data:|#)""", (out / "index.html").read_text())
+    md = (out / "index.md").read_text()
+    targets = re.findall(r"\]\(([^)]+)\)", md)
+    assert len(targets) == 6 + 3 + 3 * 6
+    for target in targets:
         assert (out / target).is_file(), target
 
 
@@ -102,9 +136,48 @@ def test_report_is_logged_on_the_parent_run(report):
     uri, _ = report
     client = MlflowClient(uri)
     parent = client.search_runs([client.get_experiment_by_name(store.STUDY).experiment_id],
-                                filter_string="tags.`gradstudy.kind` = 'study'")[0]
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/index.html", "report/figures", "report/tables"} <= logged
+                                filter_string=f"tags.`{C.TAG_KIND}` = '{C.KIND_STUDY}'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, C.REPORT_DIR)}
+    assert {f"{C.REPORT_DIR}/{name}" for name in ("index.html", "best.csv", "figures",
+                                                  "tables")} <= logged
+
+
+def test_parent_run_carries_best_metrics_description_and_best_csv(report):
+    from mlflow import MlflowClient
+
+    from analysis.load import load_mlflow
+
+    uri, out = report
+    best = best_per_family(out)
+    assert tuple(best.columns) == BEST_COLUMNS
+    assert len(best) == len(store.MODELS) * len(store.FAMILIES)
+    by = best.set_index(["model", "family"])
+    for model in store.MODELS:  # each family's best grid LR by construction, at batch 32
+        assert by.loc[(model, "sgd"), "lr"] == 0.1 and by.loc[(model, "adam"), "lr"] == 0.003
+        assert (by.loc[model, "batch_size"] == 32).all()
+    trials, _ = load_mlflow(store.STUDY, uri)
+    parent = MlflowClient(uri).get_run(trials.attrs["parent_run_id"])
+    metrics = parent.data.metrics
+    assert len([k for k in metrics if k.startswith(C.BEST_PREFIX)]) == 2 * len(best)
+    for row in best.itertuples():
+        seeds = trials[(trials["model"] == row.model) & (trials["family"] == row.family)
+                       & (trials["lr"] == row.lr) & (trials["batch_size"] == row.batch_size)]
+        assert len(seeds) == row.n_seeds and row.n_seeds >= 1
+        for metric in ("val_accuracy", "test_accuracy"):
+            assert getattr(row, metric) == pytest.approx(seeds[metric].mean())
+            key = f"{C.BEST_PREFIX}{row.model}/{row.family}/{metric}"
+            assert metrics[key] == pytest.approx(seeds[metric].mean()), key
+    note = parent.data.tags[C.TAG_NOTE]
+    assert f"`{store.STUDY}`" in note and "mnist1d" in note
+    assert "56 trials: 52 finished, 2 diverged, 2 errored" in note
+    rows = [line for line in note.splitlines() if line.startswith("| ") and "family" not in line]
+    assert len(rows) == len(best)
+    sgd, want = next(r for r in rows if r.startswith("| mlp | sgd |")), by.loc[("mlp", "sgd")]
+    for cell in (f"{100 * want.val_accuracy:.2f}", f"{100 * want.test_accuracy:.2f}", "0.1",
+                 "32", "2"):
+        assert f"| {cell} |" in sgd + "|", (cell, sgd)
+    text = format_best(best).splitlines()
+    assert text[0].split()[:2] == ["model", "family"] and len(text) == 1 + len(best)
 
 
 def test_images_load_in_headless_chromium(report, tmp_path):

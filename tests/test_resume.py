@@ -145,6 +145,14 @@ def wait_until_mid_way(store: Store, proc: subprocess.Popen, timeout: float = 30
     raise AssertionError("no moment with finished and mid-way trials:\n" + finish(proc))
 
 
+def saved_trial_statuses(study_dir: Path) -> dict[str, str]:
+    """Tune's own record of the stopped sweep (what a resume starts from): trial id -> status,
+    read with Ray's ExperimentAnalysis from the experiment state on disk."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(str(study_dir)).trials}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigint", "sigkill"])
 def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
@@ -156,29 +164,37 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
     try:
         seen = wait_until_mid_way(store, proc)
         if stop == "sigkill":
-            # Tune snapshots the experiment every ~10 s; kill once a snapshot has seen the
-            # finished trials and the mid-way trials' first checkpoints.
+            # Tune snapshots the experiment every ~10 s; kill once a snapshot may have seen the
+            # finished trials and the mid-way trials' first checkpoints (which trials it did
+            # see is read back from the snapshot itself below, after everything stopped).
             t_seen = time.time()
             while store.last_snapshot() <= t_seen and proc.poll() is None:
                 time.sleep(0.2)
-            before = store.progress()
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         else:
-            before = store.progress()
             proc.send_signal(signal.SIGINT)
             finish(proc, timeout=120)
             assert proc.returncode == 130, "an interrupted sweep says so, with 128 + SIGINT"
-            assert store.parents()[0].info.status == "KILLED"
     finally:
         kill_leftovers(proc)
 
-    finished = sorted(t for t, (s, _) in before.items() if s == "finished")
-    unfinished = sorted(t for t, (s, e) in before.items() if s != "finished")
-    assert finished and unfinished, f"need both kinds at the interruption: {before} (seen {seen})"
+    # Everything is stopped now (driver and trial workers): observations from here on cannot
+    # race with the sweep. What Tune saved decides what the resume must do.
+    saved = saved_trial_statuses(store.study_dir)
+    before = store.progress()
+    finished = sorted(t for t, s in saved.items() if s == "TERMINATED")
+    unfinished = sorted(t for t in saved if t not in finished)
+    assert finished and unfinished, f"need both kinds at the interruption: {saved} (seen {seen})"
+    assert set(before) <= set(saved), "every MLflow trial run is a trial of the sweep"
+    if stop == "sigint":
+        assert store.parents()[0].info.status == "KILLED"
+        assert all(before[t][0] == "finished" for t in finished), before
+        # trials the interrupted sweep had started and not finished say so
+        assert all(before[t][0] == "interrupted" for t in unfinished if t in before), before
     parent = store.parent_id()
     kept = {t: (store.epoch_history(t), store.result_file(t).read_bytes()) for t in finished}
-    checkpointed = {t: before[t][1] for t in unfinished}
+    checkpointed = {t: before[t][1] if t in before else 0 for t in unfinished}
 
     again = start_sweep(tmp_path, short_tmp)
     try:
@@ -188,12 +204,12 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
     assert again.returncode == 0, out[-4000:]
     assert "Resuming" in out
 
-    # One sweep, one parent run, each trial once under it, all finished.
+    # One sweep, one parent run, each trial of the spec once under it, all finished.
     assert store.parent_id() == parent
     assert [p.info.run_id for p in store.parents()] == [parent]
     progress = store.progress()
-    assert sorted(progress) == sorted(before), "no trial added or lost"
-    assert len(store.children()) == len(before) == 4
+    assert sorted(progress) == sorted(saved), "no trial added or lost"
+    assert len(store.children()) == len(saved) == 4
     assert all(s == "finished" and e == EPOCHS for s, e in progress.values()), progress
 
     for t in finished:   # not run again: nothing logged, nothing reported
