@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.install-stamp
 SPACE  ?= search_spaces/default.yaml
-STUDY  ?= default
+STUDY  ?= mnist1d_families
 PORT   ?= 5000
 
 .PHONY: install sweep report ui test test-quick bench lint clean
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)            ## run (or resume) a study: make sweep SPACE=search_spaces/x.yaml [FRESH=1]
 	$(PY) -m study sweep $(SPACE) $(if $(FRESH),--fresh)
 
-report: $(STAMP)           ## tables + figures for a study: make report STUDY=default
+report: $(STAMP)           ## tables + figures for a study: make report STUDY=mnist1d_families
 	$(PY) -m study report --study $(STUDY)
 
 ui: $(STAMP)               ## MLflow UI on 127.0.0.1 only
