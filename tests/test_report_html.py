@@ -8,7 +8,6 @@ import functools
 import http.server
 import importlib.util
 import re
-import shutil
 import subprocess
 import threading
 from html.parser import HTMLParser
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import CHROMIUM_FLAGS, chromium
 
 from analysis.report import make_report
 from analysis.summary import BEST_COLUMNS, best_per_family, format_best
@@ -26,9 +26,6 @@ _spec = importlib.util.spec_from_file_location(
 store = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(store)
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
 # Same-origin wrapper: once the report (in the iframe) has loaded, write each image's
 # naturalWidth into this page's DOM, which --dump-dom prints.
 CHECK_PAGE = """<!DOCTYPE html><html><body><pre id="result">pending</pre>
@@ -42,13 +39,6 @@ document.getElementById('report').addEventListener('load', function () {
 });
 </script></body></html>"""
 
-
-def _chromium() -> str | None:
-    for name in ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 class _Links(HTMLParser):
@@ -181,7 +171,7 @@ def test_parent_run_carries_best_metrics_description_and_best_csv(report):
 
 
 def test_images_load_in_headless_chromium(report, tmp_path):
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         pytest.skip("no chromium binary found (apt-get install -y chromium)")
     _, out = report

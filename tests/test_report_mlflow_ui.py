@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM_FLAGS, chromium
 
 from analysis.report import make_report
 from study import contract as C
@@ -36,9 +37,6 @@ _spec = importlib.util.spec_from_file_location(
 store = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(store)
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
 WIDTH, HEIGHT = 1400, 1000
 # Read inside the report's iframe: its title and, per image, alt=naturalWidth (-1: not loaded).
 REPORT_STATE = """JSON.stringify({title: document.title, url: location.href.slice(0, 40),
@@ -46,10 +44,6 @@ REPORT_STATE = """JSON.stringify({title: document.title, url: location.href.slic
 IFRAMES = """JSON.stringify(Array.from(document.querySelectorAll('iframe')).map(f =>
   ({cls: f.className, sandbox: f.getAttribute('sandbox'), src: (f.src || '').slice(0, 40)})))"""
 
-
-def _chromium() -> str | None:
-    binary = "/usr/bin/chromium"
-    return binary if os.access(binary, os.X_OK) else shutil.which("chromium")
 
 
 class DevTools:
@@ -164,7 +158,7 @@ def _report_frame(devtools: DevTools, page: str, title: str, timeout_s: float = 
 
 @pytest.mark.slow
 def test_report_renders_with_its_figures_in_the_mlflow_ui(mlflow_server, tmp_path):
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         pytest.skip("no chromium binary found (apt-get install -y chromium)")
     from mlflow import MlflowClient

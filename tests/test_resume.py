@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sweep_store import kill_group
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -52,22 +53,6 @@ def start_sweep(cwd: Path, ray_tmp: Path) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     return out or ""
-
-
-def kill_leftovers(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the process group this test started (Ray's own processes
-    started by the killed driver); no other process is touched."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
 
 
 class Store:
@@ -177,7 +162,7 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
             finish(proc, timeout=120)
             assert proc.returncode == 130, "an interrupted sweep says so, with 128 + SIGINT"
     finally:
-        kill_leftovers(proc)
+        kill_group(proc)
 
     # Everything is stopped now (driver and trial workers): observations from here on cannot
     # race with the sweep. What Tune saved decides what the resume must do.
@@ -200,7 +185,7 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
     try:
         out = finish(again)
     finally:
-        kill_leftovers(again)
+        kill_group(again)
     assert again.returncode == 0, out[-4000:]
     assert "Resuming" in out
 
