@@ -57,9 +57,9 @@ def seconds_per_epoch(data_root: Path, size: int) -> float:
     from study.trial import load_splits, run_trial
 
     spec = bench_spec(100, data_root, size)
-    load_splits(spec)
+    load_splits(spec.dataset)
     start = time.perf_counter()
-    run_trial(spec.trials()[0], spec, stop_after=2)
+    run_trial(spec.trial_config(spec.trials()[0]), stop_after=2)
     return (time.perf_counter() - start) / 2
 
 
@@ -67,8 +67,8 @@ def run_loop(spec) -> float:
     from study.trial import run_trial
 
     start = time.perf_counter()
-    for config in spec.trials():
-        run_trial(config, spec)
+    for point in spec.trials():
+        run_trial(spec.trial_config(point))
     return time.perf_counter() - start
 
 

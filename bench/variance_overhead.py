@@ -16,6 +16,7 @@ steps and the sparsest `every` (at the default batches) and the most `batches` (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -29,25 +30,25 @@ import torch.nn.functional as F
 from study.data import DataSplit, epoch_generator
 from study.models import build_model
 from study.optim import make_optimizer
-from study.spec import MeasureSpec, load_spec
+from study.spec import load_spec
 from study.trial import probe_step, scheduled_work
-from study.variance import VarianceProbe
+from study.variance import ProbeSettings, VarianceProbe
 
 DEFAULT_STUDY = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml")
-DEFAULT = DEFAULT_STUDY.measure
+DEFAULT = DEFAULT_STUDY.measure.settings()
 TRAIN, EPOCHS, TARGET = 3600, DEFAULT_STUDY.epochs, 0.10
 EVERY, BATCHES = DEFAULT.every, DEFAULT.batches
 MODELS = {"mlp": {"widths": [100, 100]}, "cnn": {"channels": [25, 25, 25]}}
 SETUPS = {"none": None,
-          "measure": DEFAULT.model_copy(update={"histograms": False}),
-          "measure+hist": DEFAULT.model_copy(update={"histograms": True})}
+          "measure": dataclasses.replace(DEFAULT, histograms=False),
+          "measure+hist": dataclasses.replace(DEFAULT, histograms=True)}
 
 
 def loss_fn(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def trial(model_name: str, family: str, bs: int, measure: MeasureSpec | None, data: DataSplit,
+def trial(model_name: str, family: str, bs: int, measure: ProbeSettings | None, data: DataSplit,
           device: str) -> tuple[float, int, int]:
     """(seconds, measurements, histograms) of one default-length trial's training loop."""
     torch.manual_seed(0)

@@ -25,8 +25,10 @@ from pydantic import (
 )
 
 from study import contract
+from study.config import TrialConfig
 from study.data import DATASETS
 from study.models import MODELS
+from study.optim.options import OptionError, parse_options
 from study.plugins import import_plugin
 from study.plugins import resolve as resolve_plugin
 from study.spec_values import (  # SpecError is re-exported: callers import it from here
@@ -38,7 +40,9 @@ from study.spec_values import (  # SpecError is re-exported: callers import it f
     model_label,
     parse_lr,
     read_yaml,
+    shown,
 )
+from study.variance import ProbeSettings
 
 # Training-set sizes before any validation split, used to check batch sizes without loading.
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
@@ -177,6 +181,12 @@ class MeasureSpec(Strict):
     histograms: bool = True                   # per-layer |gradient| histograms
     histogram_points: PositiveInt = 8         # log-spaced iterations with a histogram
 
+    def settings(self) -> ProbeSettings | None:
+        """The probe's own settings; None when it would measure nothing."""
+        if self.every == 0 and not self.histograms:
+            return None
+        return ProbeSettings(**self.model_dump())
+
 
 class TrackingSpec(Strict):
     uri: str = "sqlite:///mlflow.db"
@@ -256,11 +266,12 @@ class Spec(Strict):
                     raise Problem(f"unknown variant {v!r}; choose from {list(cls_.variants)}",
                                   f"{name}.variants")
             for key, value in fam.options.items():
-                try:
-                    _check_option(name, cls_.options, key, value)
-                except ValueError as err:    # "<family>.options.<key>: <what>", value included
-                    where, _, what = str(err).partition(": ")
-                    raise Problem(what, where) from None
+                values = value if isinstance(value, list) else [value]
+                if not values:
+                    raise Problem("an empty list of values (got [])", f"{name}.options.{key}")
+                for variant in fam.variants or cls_.variants[:1]:
+                    for v in values:     # each value alone: combinations are built below
+                        _check_options(cls_, variant, {key: v})
             out[name] = fam
         return out
 
@@ -314,6 +325,10 @@ class Spec(Strict):
             try:
                 make_optimizer(arm["family"], model, torch.nn.functional.cross_entropy,
                                min(self.lr_grid(arm["family"])), arm["variant"], **arm["options"])
+            except OptionError as err:       # a combination of values (nesterov + momentum 0)
+                raise Problem(f"{err.message} (got {shown(err.value)} with variant "
+                              f"{arm['variant']!r}, options {arm['options']})",
+                              f"families.{err.family}.options.{err.field}") from None
             except (ValueError, TypeError) as err:
                 raise Problem(f"{err} (got variant {arm['variant']!r}, options "
                               f"{arm['options']})", f"families.{arm['family']}") from None
@@ -347,6 +362,18 @@ class Spec(Strict):
                                      "variant": variant, "options": options})
         return arms
 
+    def trial_config(self, point: dict[str, Any]) -> TrialConfig:
+        """A trial of this study from one point of its search (an arm + lr, batch size,
+        seed: an entry of ``trials()``, or an Optuna sample resolved to that shape)."""
+        return TrialConfig(
+            arm=point["arm"], model=point["model"], family=point["family"],
+            variant=point["variant"], lr=float(point["lr"]),
+            batch_size=int(point["batch_size"]), seed=int(point["seed"]), epochs=self.epochs,
+            dataset=self.dataset, measure=self.measure.settings(),
+            model_options=dict(point.get("model_options", {})),
+            options=dict(point.get("options", {})), plugins=tuple(self.plugins),
+            threads=max(1, int(self.resources.cpu)), gpu=self.resources.gpu)
+
     def trials(self) -> list[dict[str, Any]]:
         """The full grid: arms × lr (per family) × batch size × seed."""
         return [{**arm, "lr": lr, "batch_size": bs, "seed": seed}
@@ -366,28 +393,14 @@ class Spec(Strict):
         return len(self.models) * per_model * len(self.batch_size) * len(self.seeds)
 
 
-def _check_option(family: str, defaults: dict[str, Any], key: str, value: Any) -> None:
-    if key not in defaults:
-        raise ValueError(f"{family}.options: unknown option {key!r}; known: {sorted(defaults)}")
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise ValueError(f"{family}.options.{key}: empty list")
-    default = defaults[key]
-    for v in values:
-        if default is None or isinstance(default, str) and isinstance(v, str):
-            continue
-        if isinstance(default, bool) or isinstance(v, bool):
-            ok = isinstance(default, bool) and isinstance(v, bool)
-        elif isinstance(default, (int, float)):
-            fractional_for_int = (isinstance(default, int) and isinstance(v, float)
-                                  and not float(v).is_integer())
-            ok = isinstance(v, (int, float)) and not fractional_for_int
-        else:
-            ok = isinstance(v, type(default))
-        if not ok:
-            raise ValueError(f"{family}.options.{key}: {v!r} is not a {type(default).__name__}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-            raise ValueError(f"{family}.options.{key}: {v!r} must be >= 0")
+def _check_options(family_cls, variant: str, options: dict[str, Any]) -> None:
+    """A family's typed options (``study.optim.options``); a problem names
+    ``<family>.options.<key>`` and the value."""
+    try:
+        parse_options(family_cls.Options, family_cls.family, variant, options)
+    except OptionError as err:
+        raise Problem(f"{err.message} (got {shown(err.value)})",
+                      f"{err.family}.options.{err.field}") from None
 
 
 # -- loading ---------------------------------------------------------------------------------

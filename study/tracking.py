@@ -170,7 +170,7 @@ class TrialRun:
     """The child run of one trial."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 config: dict[str, Any], tags: dict[str, str], dataset: dict[str, str]):
+                 params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str]):
         self.uri = uri
         self.client = client_for(uri)
         found = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
@@ -182,13 +182,13 @@ class TrialRun:
             self.client.set_terminated(self.run_id, "RUNNING")
         else:
             run = self.client.create_run(
-                experiment_id, run_name=run_name(config),
+                experiment_id, run_name=run_name(params),
                 tags={C.TAG_PARENT: parent_run_id, C.TAG_KIND: C.KIND_TRIAL,
                       C.TAG_TRIAL_ID: trial_id, C.TAG_STATUS: C.RUNNING, **tags})
             self.run_id = run.info.run_id
             self.logged: dict[str, int] = {}
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000])
-                                                       for k, v in _flat_params(config).items()])
+                                                       for k, v in params.items()])
             log_dataset(self.client, self.run_id, **dataset)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -227,10 +227,3 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, sourc
 
     dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
     client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
-
-
-def _flat_params(config: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in config.items() if not isinstance(v, dict)}
-    out.update({f"opt.{k}": v for k, v in config.get("options", {}).items()})
-    out.update({f"model.{k}": v for k, v in config.get("model_options", {}).items()})
-    return out

@@ -13,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from study.config import TrialConfig
 from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
 from study.models import build_model
 from study.optim import Context, make_optimizer
 from study.plugins import import_plugins
-from study.spec import Spec
+from study.spec import DatasetSpec, Spec
+from study.variance import VarianceProbe
 
 DIVERGENCE_FACTOR = 10.0     # a batch loss this many times the initial loss ends the trial
 PERIODIC_STREAM = -1         # the generator stream scheduled work draws from
@@ -39,11 +42,11 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def load_splits(spec: Spec, device: str | torch.device = "cpu"
+def load_splits(dataset: DatasetSpec, device: str | torch.device = "cpu"
                 ) -> tuple[DataSplit, DataSplit | None, DataSplit]:
     """(train, validation or None, test). The validation split is the same for every trial
     of a study: a fixed permutation, independent of the trial's seed."""
-    d = spec.dataset
+    d = dataset
     train, test = load_dataset(d.name, d.root, d.size, d.label_noise, seed=0, download=d.download,
                                device=device)
     n_val = int(round(len(train) * d.val_fraction))
@@ -71,75 +74,88 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_trial(config: dict[str, Any], spec: Spec, log: LogFn | None = None,
-              report: ReportFn | None = None, state: dict[str, Any] | None = None,
-              device: str | torch.device = "cpu", stop_after: int | None = None) -> dict[str, Any]:
+@dataclass
+class Progress:
+    """The loop's counters: checkpointed with the weights, so a resumed trial continues them."""
+
+    epoch: int = 0                    # epochs finished
+    iteration: int = 0                # steps taken
+    grad_evals: int = 0               # examples through a backward (steps + scheduled work)
+    time_s: float = 0.0               # training seconds (steps + scheduled work)
+    measure_s: float = 0.0            # variance-probe seconds (not training)
+    initial_loss: float | None = None  # the training loss before the first step
+    diverged: bool = False
+
+    def diverges(self, loss: float) -> bool:
+        return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * self.initial_loss
+
+
+def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | None = None,
+              state: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+              stop_after: int | None = None) -> dict[str, Any]:
     """Train; return the last epoch's metrics. ``stop_after`` ends the loop after that many
     epochs (tests use it to interrupt a trial)."""
     log = log or (lambda metrics, step: None)
     report = report or (lambda metrics, state: None)
-    import_plugins(spec.plugins)
-    seed = int(config["seed"])
+    import_plugins(config.plugins)
+    seed, bs = config.seed, config.batch_size
     seed_everything(seed)
-    train, val, test = load_splits(spec, device)
-    model = build_model(config["model"], input_shape(train), num_classes(train, test),
-                        **config.get("model_options", {})).to(device)
-    opt = make_optimizer(config["family"], model, loss_fn, config["lr"], config["variant"],
-                         **config.get("options", {}))
-    bs = int(config["batch_size"])
-    steps_per_epoch = len(train) // bs
-    probe = _make_probe(spec, train, bs, seed, spec.epochs * steps_per_epoch)
+    train, val, test = load_splits(config.dataset, device)
+    model = build_model(config.model, input_shape(train), num_classes(train, test),
+                        **config.model_options).to(device)
+    opt = make_optimizer(config.family, model, loss_fn, config.lr, config.variant,
+                         **config.options)
+    probe = (None if config.measure is None else
+             VarianceProbe(config.measure, train, bs, seed, config.epochs * (len(train) // bs)))
     periodic = opt.periodic()
 
-    c = {"epoch": 0, "iteration": 0, "grad_evals": 0, "time_s": 0.0, "measure_s": 0.0,
-         "initial_loss": None, "diverged": False}
+    c = Progress()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if probe is not None and state.get("probe") is not None:
             probe.load_state_dict(state["probe"])
         torch.set_rng_state(state["rng"])
-        c.update(state["counters"])
-    if c["initial_loss"] is None:
-        c["initial_loss"] = evaluate(model, train)[0]
+        c = Progress(**state["counters"])
+    if c.initial_loss is None:
+        c.initial_loss = evaluate(model, train)[0]
 
     metrics: dict[str, Any] = {}
-    while c["epoch"] < spec.epochs and not c["diverged"]:
-        generator = epoch_generator(seed, c["epoch"])
-        ctx = Context(model, loss_fn, train, bs, c["iteration"], c["epoch"],
-                      epoch_generator(seed, c["epoch"], PERIODIC_STREAM))
+    while c.epoch < config.epochs and not c.diverged:
+        generator = epoch_generator(seed, c.epoch)
+        ctx = Context(model, loss_fn, train, bs, c.iteration, c.epoch,
+                      epoch_generator(seed, c.epoch, PERIODIC_STREAM))
         losses = []
         for idx in opt.sampler(len(train), bs, generator):
-            it = c["iteration"]
             t0 = time.perf_counter()
-            c["grad_evals"] += scheduled_work(periodic, ctx, it)
-            c["time_s"] += time.perf_counter() - t0
+            c.grad_evals += scheduled_work(periodic, ctx, c.iteration)
+            c.time_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            probe_step(probe, opt, it, log)
-            c["measure_s"] += time.perf_counter() - t0
+            probe_step(probe, opt, c.iteration, log)
+            c.measure_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             d = opt.direction(train.batch(idx))
-            if not math.isfinite(d.loss) or d.loss > DIVERGENCE_FACTOR * c["initial_loss"]:
-                c["diverged"] = True
+            if c.diverges(d.loss):
+                c.diverged = True
                 break
             opt.step(d)
-            c["grad_evals"] += d.grad_evals
-            c["iteration"] += 1
-            c["time_s"] += time.perf_counter() - t0
+            c.grad_evals += d.grad_evals
+            c.iteration += 1
+            c.time_s += time.perf_counter() - t0
             losses.append(d.loss)
-        c["epoch"] += 1
-        if not c["diverged"]:
+        c.epoch += 1
+        if not c.diverged:
             t0 = time.perf_counter()
-            c["grad_evals"] += scheduled_work(periodic, ctx, c["epoch"], "epoch")
-            c["time_s"] += time.perf_counter() - t0
-        metrics = _epoch_metrics(model, opt, train, val, test, c, losses)
-        log(metrics, c["iteration"])
+            c.grad_evals += scheduled_work(periodic, ctx, c.epoch, "epoch")
+            c.time_s += time.perf_counter() - t0
+        metrics = _epoch_metrics(model, opt, (train, val, test), c, losses)
+        log(metrics, c.iteration)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "probe": probe.state_dict() if probe is not None else None,
-                 "rng": torch.get_rng_state(), "counters": dict(c)}
+                 "rng": torch.get_rng_state(), "counters": asdict(c)}
         report({**metrics, "histograms": probe.histograms() if probe is not None else None},
                state)
-        if stop_after is not None and c["epoch"] >= stop_after:
+        if stop_after is not None and c.epoch >= stop_after:
             break
     return metrics
 
@@ -169,33 +185,25 @@ def probe_step(probe, opt, iteration: int, log: LogFn | None = None) -> int:
     return done
 
 
-def _make_probe(spec: Spec, train: DataSplit, bs: int, seed: int, total: int):
-    if spec.measure.every == 0 and not spec.measure.histograms:
-        return None
-    from study.variance import VarianceProbe
-
-    return VarianceProbe(spec.measure, train, bs, seed, total)
-
-
-def _epoch_metrics(model, opt, train, val, test, c, losses) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"epoch": c["epoch"], "iteration": c["iteration"],
-                               "grad_evals": c["grad_evals"], "time_s": c["time_s"],
-                               "measure_s": c["measure_s"], "lr": opt.lr,
-                               "diverged": int(c["diverged"]),
+def _epoch_metrics(model, opt, splits, c: Progress, losses) -> dict[str, Any]:
+    """The epoch's metrics: ``contract.EPOCH_METRICS`` and the family's own."""
+    metrics: dict[str, Any] = {"epoch": c.epoch, "iteration": c.iteration,
+                               "grad_evals": c.grad_evals, "time_s": c.time_s,
+                               "measure_s": c.measure_s, "lr": opt.lr,
+                               "diverged": int(c.diverged),
                                "train_batch_loss": float(np.mean(losses)) if losses else math.nan}
-    for name, split in (("train", train), ("val", val), ("test", test)):
+    for name, split in zip(("train", "val", "test"), splits):
         if split is not None:
             metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = evaluate(model, split)
-    if hasattr(opt, "metrics"):
-        metrics.update(opt.metrics())
+    metrics.update(opt.metrics())
     return metrics
 
 
 # -- Ray Tune -----------------------------------------------------------------------------------
 
-def trial_config(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Grid configs carry the whole trial under ``trial``; Optuna configs name an arm and
-    its sampled lr / batch size / seed."""
+def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tune's config -> one point of the study's search. Grid configs carry the whole point
+    under ``trial``; Optuna configs name an arm and its sampled lr / batch size / seed."""
     if "trial" in config:
         return config["trial"]
     arm = arms[config["arm"]]
@@ -220,15 +228,14 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     from study.tracking import TrialRun
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
-    torch.set_num_threads(max(1, int(spec.resources.cpu)))
-    cfg = trial_config(config, arms)
-    ctx = tune.get_context()
-    device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
+    cfg = spec.trial_config(search_point(config, arms))
+    torch.set_num_threads(cfg.threads)
+    device = "cuda" if cfg.gpu > 0 and torch.cuda.is_available() else "cpu"
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
-                   ctx.get_trial_id(), {**cfg, "dataset": spec.dataset.name, "epochs": spec.epochs},
-                   tags={"gradstudy.study": spec.name, "family": cfg["family"],
-                         "variant": cfg["variant"], "model": cfg["model"], "arm": cfg["arm"]},
-                   dataset=dataset_identity(spec))
+                   tune.get_context().get_trial_id(), cfg.params(),
+                   tags={C.TAG_STUDY: spec.name, "family": cfg.family, "variant": cfg.variant,
+                         "model": cfg.model, "arm": cfg.arm},
+                   dataset=dataset_identity(cfg.dataset))
     run.set_tag(C.TAG_NODE_ID, ray.get_runtime_context().get_node_id())  # this attempt's node
     checkpoint = tune.get_checkpoint()
     state = None
@@ -238,29 +245,28 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         histograms = metrics.pop("histograms", None)
-        if histograms and (metrics["epoch"] == spec.epochs or metrics["diverged"]):
+        if histograms and (metrics["epoch"] == cfg.epochs or metrics["diverged"]):
             run.log_json(C.GRAD_HIST, histograms)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, os.path.join(d, "state.pt"))
-            tune.report({**metrics, "arm": cfg["arm"], "family": cfg["family"],
+            tune.report({**metrics, "arm": cfg.arm, "family": cfg.family,
                          C.RUN_ID_KEY: run.run_id},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        final = run_trial(cfg, spec, log=run.log, report=report, state=state, device=device)
+        final = run_trial(cfg, log=run.log, report=report, state=state, device=device)
     except Exception:
         run.end(C.ERRORED)
         raise
     run.end(C.DIVERGED if final.get("diverged") else C.FINISHED)
 
 
-def dataset_identity(spec: Spec) -> dict[str, str]:
+def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
     """Name, digest and source of the study's data for MLflow's dataset inputs: the digest is
     of the settings that generate / select it (same settings, same examples)."""
     import hashlib
 
-    d = spec.dataset
-    digest = hashlib.sha256(d.model_dump_json().encode()).hexdigest()[:10]
-    size = f"-{d.size}" if d.size else ""
-    return {"name": f"{d.name}{size}", "digest": digest,
-            "source": str(Path(d.root).resolve() / d.name)}
+    digest = hashlib.sha256(dataset.model_dump_json().encode()).hexdigest()[:10]
+    size = f"-{dataset.size}" if dataset.size else ""
+    return {"name": f"{dataset.name}{size}", "digest": digest,
+            "source": str(Path(dataset.root).resolve() / dataset.name)}

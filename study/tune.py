@@ -88,7 +88,7 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
                         f"{state['tracking_uri']}, not {uri}; resume with that URI or start a "
                         f"new sweep with {FRESH_HINT}")
     exp_id = open_store(uri, spec.name)
-    load_splits(spec)  # generate / read the dataset once here: missing data fails now
+    load_splits(spec.dataset)  # generate / read the dataset once here: missing data fails now
     if fresh:
         store.set_aside(time.strftime("%Y%m%d-%H%M%S"))
 

@@ -8,7 +8,8 @@ saved and restored around each measurement (dropout in train mode would otherwis
 training's randomness), the optimizer is only asked for ``direction`` (pure, never ``step``)
 and nothing is written to ``p.grad``.
 
-Estimates, with n = ``measure.batches`` and nw = number of parameters (NOTES §1a):
+Estimates, with n = ``measure.batches`` and nw = number of parameters (gvar_code
+``estim/gestim.py``):
 
 - ``Ege`` = mean of n directions on n batches; then on n FRESH batches g_1..g_n:
   ``var`` = Σ_i ||g_i − Ege||² / n / nw, ``nvar`` = mean_j D_j / (S_j + 1e-7),
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +44,6 @@ import torch
 from study.data import Batch, DataSplit, UniformSampler, epoch_generator
 from study.grads import batch_stats
 from study.optim.base import Optimizer, gradient
-from study.spec import MeasureSpec
 
 ESTIMATE_STREAM = 1     # the mean set and the fresh set (2n batches, one generator)
 OWN_SAMPLER_STREAM = 3  # the same for a family that samples its own way (GC's strata)
@@ -53,13 +54,24 @@ NVAR_EPS, SNR_EPS = 1e-7, 1e-10
 LOG10_LOW, LOG10_HIGH, BINS_PER_DECADE = -12, 2, 4
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """When and how much the probe measures (the spec's ``measure:`` checks the values)."""
+
+    every: int = 100                  # iterations between measurements; 0 = off
+    batches: int = 5                  # mini-batches per estimate (Faghri's gviter)
+    start: int = 0                    # first iteration measured
+    histograms: bool = True           # per-layer |gradient| histograms
+    histogram_points: int = 8         # log-spaced iterations with a histogram
+
+
 class VarianceProbe:
     """Measures the variance of an optimizer's step direction on batches of its own.
 
     Call ``measure`` / ``record_histogram`` after the iteration's periodic work and before
     its step: a direction may need that work (SVRG's iteration-0 snapshot)."""
 
-    def __init__(self, measure: MeasureSpec, train: DataSplit, batch_size: int, seed: int,
+    def __init__(self, measure: ProbeSettings, train: DataSplit, batch_size: int, seed: int,
                  total_iterations: int):
         if batch_size < 1 or batch_size > len(train):
             raise ValueError(f"batch_size: {batch_size} must be in [1, {len(train)}] "
@@ -69,7 +81,7 @@ class VarianceProbe:
         if measure.every and measure.batches * batch_size < 2:
             raise ValueError("measure.batches: the noise scale needs at least 2 examples "
                              f"(batches × batch_size = {measure.batches * batch_size})")
-        self.spec, self.train, self.batch_size, self.seed = measure, train, batch_size, seed
+        self.settings, self.train, self.batch_size, self.seed = measure, train, batch_size, seed
         self.total_iterations = total_iterations
         self.histogram_iterations = (log_spaced_iterations(total_iterations,
                                                            measure.histogram_points)
@@ -79,7 +91,7 @@ class VarianceProbe:
 
     # -- schedule ---------------------------------------------------------------------------
     def due(self, iteration: int) -> bool:
-        every, start = self.spec.every, self.spec.start
+        every, start = self.settings.every, self.settings.start
         return every > 0 and iteration >= start and (iteration - start) % every == 0
 
     def histogram_due(self, iteration: int) -> bool:
@@ -103,7 +115,7 @@ class VarianceProbe:
     def estimate_batches(self, iteration: int, sampler=UniformSampler, stream=ESTIMATE_STREAM
                          ) -> tuple[list[Batch], list[Batch]]:
         """(mean set, fresh set) of ``measure.batches`` batches each."""
-        n = self.spec.batches
+        n = self.settings.batches
         both = self.batches(iteration, stream, 2 * n, sampler)
         return both[:n], both[n:]
 

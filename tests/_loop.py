@@ -50,17 +50,17 @@ def trial_resumes_exactly(tmp_path, family: str, variant: str, options: dict):
         "models": [{"name": "mlp", "widths": [16]}], "epochs": 4, "lr": [0.1],
         "batch_size": [32], "families": {family: {"variants": [variant], "options": options}},
         "measure": {"every": 0, "histograms": False}})
-    config = spec.trials()[0]
+    config = spec.trial_config(spec.trials()[0])
     runs = {}
     for name, kwargs in (("full", {}), ("part", {"stop_after": 2})):
         runs[name] = []
-        run_trial(config, spec, report=lambda m, s, r=runs[name]: r.append((m, s)), **kwargs)
+        run_trial(config, report=lambda m, s, r=runs[name]: r.append((m, s)), **kwargs)
     torch.save(runs["part"][-1][1], tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     rest = []
-    run_trial(config, spec, report=lambda m, s: rest.append((m, s)), state=state)
+    run_trial(config, report=lambda m, s: rest.append((m, s)), state=state)
     full_metrics, full_state = runs["full"][-1]
     for key, value in full_state["model"].items():
         assert torch.equal(value, rest[-1][1]["model"][key]), key
     assert full_metrics["grad_evals"] == rest[-1][0]["grad_evals"]
-    return full_metrics, len(load_splits(spec)[0])
+    return full_metrics, len(load_splits(spec.dataset)[0])

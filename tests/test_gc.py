@@ -335,11 +335,10 @@ def test_trial_with_gc_resumes_exactly(tmp_path, variant):
 def test_probe_measures_gc_on_its_own_strata():
     """The variance probe draws GC's batches from GC's sampler: its measured direction is
     then unbiased (small bias against SGD) and far less variable than SGD's."""
-    from study.spec import MeasureSpec
-    from study.variance import VarianceProbe
+    from study.variance import ProbeSettings, VarianceProbe
 
     model, train, _, opt = clustered(sizes=(20, 40, 60, 80), batch_size=8, nclusters=4)
-    probe = VarianceProbe(MeasureSpec(every=1, batches=40), train, 8, seed=0,
+    probe = VarianceProbe(ProbeSettings(every=1, batches=40), train, 8, seed=0,
                           total_iterations=10)
     got = probe.measure(opt, 0)
     assert got["var/dir_var"] < 0.05 * got["var/sgd_var"]

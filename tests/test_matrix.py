@@ -170,7 +170,8 @@ def test_every_search_metric_a_spec_may_name_is_reported_each_epoch(tmp_path):
     raw.update(epochs=2, families={"sgd": {"variants": ["plain"], "lr": [0.1]}})
     spec = parse_spec(raw)
     reports = []
-    run_trial(spec.trials()[0], spec, report=lambda metrics, state: reports.append(metrics))
+    run_trial(spec.trial_config(spec.trials()[0]),
+              report=lambda metrics, state: reports.append(metrics))
     assert len(reports) == 2
     for metrics in reports:
         assert set(EPOCH_METRICS) <= set(metrics), set(EPOCH_METRICS) - set(metrics)

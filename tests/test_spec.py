@@ -70,7 +70,7 @@ def test_missing_file_is_a_spec_error(tmp_path):
 
 
 def test_option_values_a_family_rejects_fail_at_validation():
-    with pytest.raises(SpecError, match=r"families\.svrg: .*snapshot_unit.*weeks"):
+    with pytest.raises(SpecError, match=r"families\.svrg\.options\.snapshot_unit: .*weeks"):
         parse_spec(base(families={"svrg": {"options": {"snapshot_unit": "weeks"}}}))
 
 

@@ -25,17 +25,17 @@ def collect():
 @pytest.mark.parametrize("family,variant", [("sgd", "momentum"), ("adam", "adam")])
 def test_interrupted_and_resumed_trial_ends_with_identical_weights(tmp_path, family, variant):
     spec = tiny_spec(tmp_path, families={family: {"variants": [variant]}})
-    config = spec.trials()[0]
+    config = spec.trial_config(spec.trials()[0])
     full, report_full = collect()
-    run_trial(config, spec, report=report_full)
+    run_trial(config, report=report_full)
     part, report_part = collect()
-    run_trial(config, spec, report=report_part, stop_after=2)
+    run_trial(config, report=report_part, stop_after=2)
     assert len(part) == 2
     # resume from the checkpoint state of epoch 2, as Ray hands it back after a restart
     torch.save(part[-1][1], tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     rest, report_rest = collect()
-    run_trial(config, spec, report=report_rest, state=state)
+    run_trial(config, report=report_rest, state=state)
     assert [m["epoch"] for m, _ in rest] == [3, 4]
     final_full, final_resumed = full[-1][1]["model"], rest[-1][1]["model"]
     for key in final_full:
@@ -47,14 +47,14 @@ def test_interrupted_and_resumed_trial_ends_with_identical_weights(tmp_path, fam
 def test_divergence_is_a_result_not_an_error(tmp_path):
     spec = tiny_spec(tmp_path, lr=[1e4])
     reports, report = collect()
-    metrics = run_trial(spec.trials()[0], spec, report=report)
+    metrics = run_trial(spec.trial_config(spec.trials()[0]), report=report)
     assert metrics["diverged"] == 1
     assert len(reports) == 1, "a diverged trial stops at the epoch it diverged in"
 
 
 def test_cost_counts_examples_through_a_backward(tmp_path):
     spec = tiny_spec(tmp_path, epochs=2)
-    metrics = run_trial(spec.trials()[0], spec)
+    metrics = run_trial(spec.trial_config(spec.trials()[0]))
     steps = (480 - 48) // 32            # 600 examples: 480 train, 10% of them validation
     assert metrics["iteration"] == 2 * steps
     assert metrics["grad_evals"] == 2 * steps * 32
@@ -65,5 +65,5 @@ def test_cost_counts_examples_through_a_backward(tmp_path):
 def test_training_learns_mnist1d(tmp_path):
     spec = tiny_spec(tmp_path, epochs=10, dataset={"name": "mnist1d", "size": 2000,
                                                    "root": str(tmp_path)})
-    metrics = run_trial(spec.trials()[0], spec)
+    metrics = run_trial(spec.trial_config(spec.trials()[0]))
     assert metrics["train_loss"] < 1.6 and metrics["test_accuracy"] > 0.3

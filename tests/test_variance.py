@@ -15,9 +15,13 @@ from torch import nn
 from study import variance
 from study.data import DataSplit, UniformSampler, epoch_generator
 from study.optim import FAMILIES, Context, Optimizer, make_optimizer
-from study.spec import MeasureSpec
 from study.trial import probe_step, scheduled_work
-from study.variance import VarianceProbe, histogram_edges, log_spaced_iterations
+from study.variance import (
+    ProbeSettings,
+    VarianceProbe,
+    histogram_edges,
+    log_spaced_iterations,
+)
 
 SEED = 3
 
@@ -112,7 +116,7 @@ def prepared(family: str, data: DataSplit, batch_size: int) -> Optimizer:
 def test_statistics_match_naive_float64_reference(family):
     data, bs = make_data(), 4
     opt = prepared(family, data, bs)
-    measure = MeasureSpec(every=1, batches=3)
+    measure = ProbeSettings(every=1, batches=3)
     probe = VarianceProbe(measure, data, bs, SEED, total_iterations=100)
     got = probe.measure(opt, 7)
 
@@ -149,7 +153,7 @@ def test_mean_set_in_several_union_passes_matches_naive(monkeypatch):
     monkeypatch.setattr(variance, "UNION_EXAMPLES", 8)
     data, bs = make_data(), 4
     opt = make_optimizer("sgd", make_mlp(), loss_fn, 0.1)
-    probe = VarianceProbe(MeasureSpec(every=1, batches=3), data, bs, SEED, 10)
+    probe = VarianceProbe(ProbeSettings(every=1, batches=3), data, bs, SEED, 10)
     got = probe.measure(opt, 4)
     mean_set, fresh_set = probe.estimate_batches(4)
     ref = naive_var_stats([per_example_grads(opt.model, opt.params, b).mean(0) for b in mean_set],
@@ -167,7 +171,7 @@ def test_noise_scale_matches_naive_formula_on_a_cnn_in_float32():
     g = torch.Generator().manual_seed(2)
     data = DataSplit(torch.randn(40, 1, 12, generator=g), torch.randint(0, 4, (40,), generator=g))
     opt = make_optimizer("sgd", model, loss_fn, 0.1)
-    probe = VarianceProbe(MeasureSpec(every=1, batches=4), data, 5, SEED, 10)
+    probe = VarianceProbe(ProbeSettings(every=1, batches=4), data, 5, SEED, 10)
     got = probe.measure(opt, 2)
     _, fresh = probe.estimate_batches(2)
     ns = naive_noise_scale(torch.cat([per_example_grads(model, opt.params, b) for b in fresh]))
@@ -180,7 +184,7 @@ def test_noise_scale_saturates_at_the_number_of_examples_when_noise_swamps_the_m
     clamp caps B_simple at N = batches × batch_size."""
     data = make_data(n=400, seed=5)
     opt = make_optimizer("sgd", make_mlp(seed=5), loss_fn, 0.1)
-    probe = VarianceProbe(MeasureSpec(every=1, batches=2), data, 100, SEED, 10)
+    probe = VarianceProbe(ProbeSettings(every=1, batches=2), data, 100, SEED, 10)
     values = [probe.measure(opt, it) for it in range(6)]
     for v in values:
         assert 0 < v["var/noise_scale"] <= 200 * (1 + 1e-12)
@@ -198,7 +202,7 @@ def test_measuring_leaves_training_bit_identical(family):
         model = make_mlp(torch.float32, dropout=0.2, seed=4)   # dropout: uses the global RNG
         opt = make_optimizer(family, model, loss_fn, 0.05)
         torch.manual_seed(11)
-        probe = VarianceProbe(MeasureSpec(every=3, batches=2, histogram_points=4), data, bs,
+        probe = VarianceProbe(ProbeSettings(every=3, batches=2, histogram_points=4), data, bs,
                               SEED, total_iterations=20) if with_probe else None
         losses = train(opt, data, bs, epochs=2, probe=probe)
         if probe is not None:
@@ -215,7 +219,7 @@ def test_measure_leaves_no_autograd_state():
     data = make_data()
     model = make_mlp()
     opt = make_optimizer("sgd", model, loss_fn, 0.1)
-    probe = VarianceProbe(MeasureSpec(every=1, batches=2), data, 4, SEED, 10)
+    probe = VarianceProbe(ProbeSettings(every=1, batches=2), data, 4, SEED, 10)
     with torch.no_grad():                     # the caller's grad mode must not matter
         out = probe.measure(opt, 0)
         probe.record_histogram(opt, 0)
@@ -229,7 +233,7 @@ def test_measure_leaves_no_autograd_state():
 
 def test_probe_batches_are_not_trainings_batches():
     data, bs = make_data(), 4
-    probe = VarianceProbe(MeasureSpec(every=1, batches=2), data, bs, SEED, 10)
+    probe = VarianceProbe(ProbeSettings(every=1, batches=2), data, bs, SEED, 10)
     training = [idx for idx in UniformSampler(len(data), bs, epoch_generator(SEED, 0))][:4]
     mean_set, fresh_set = probe.estimate_batches(0)
     probe_idx = [b.idx for b in mean_set + fresh_set]
@@ -241,21 +245,21 @@ def test_probe_batches_are_not_trainings_batches():
 
 def test_more_batches_than_one_epoch_holds():
     data = make_data(n=20)
-    probe = VarianceProbe(MeasureSpec(every=1, batches=3), data, 8, SEED, 10)  # 2 per epoch
+    probe = VarianceProbe(ProbeSettings(every=1, batches=3), data, 8, SEED, 10)  # 2 per epoch
     mean_set, fresh_set = probe.estimate_batches(1)
     assert [len(b) for b in mean_set + fresh_set] == [8] * 6
 
 
 def test_schedule_and_bad_input():
     data = make_data()
-    probe = VarianceProbe(MeasureSpec(every=5, start=10, batches=1), data, 4, SEED, 100)
+    probe = VarianceProbe(ProbeSettings(every=5, start=10, batches=1), data, 4, SEED, 100)
     assert [i for i in range(40) if probe.due(i)] == [10, 15, 20, 25, 30, 35]
-    off = VarianceProbe(MeasureSpec(every=0, histograms=False), data, 4, SEED, 100)
+    off = VarianceProbe(ProbeSettings(every=0, histograms=False), data, 4, SEED, 100)
     assert not any(off.due(i) or off.histogram_due(i) for i in range(200))
     with pytest.raises(ValueError, match="batch_size"):
-        VarianceProbe(MeasureSpec(), data, len(data) + 1, SEED, 100)
+        VarianceProbe(ProbeSettings(), data, len(data) + 1, SEED, 100)
     with pytest.raises(ValueError, match="total_iterations"):
-        VarianceProbe(MeasureSpec(), data, 4, SEED, 0)
+        VarianceProbe(ProbeSettings(), data, 4, SEED, 0)
 
 
 # -- (d): histograms --------------------------------------------------------------------------
@@ -296,7 +300,7 @@ def test_histograms_structure_counts_and_resume():
     with torch.no_grad():
         model[2].weight[:, 0].zero_()         # a dead unit: exact zeros in its gradient
     total = 50
-    probe = VarianceProbe(MeasureSpec(every=0, histogram_points=5), data, 4, SEED, total)
+    probe = VarianceProbe(ProbeSettings(every=0, histogram_points=5), data, 4, SEED, total)
     due = [i for i in range(total) if probe.histogram_due(i)]
     assert due == log_spaced_iterations(total, 5)
     probe.record_histogram(opt, due[0])
@@ -317,7 +321,7 @@ def test_histograms_structure_counts_and_resume():
             naive_histogram(g.reshape(-1).tolist())
     assert hist["layers"]["0.weight"][0]["zeros"] >= 6      # the zeroed row
 
-    resumed = VarianceProbe(MeasureSpec(every=0, histogram_points=5), data, 4, SEED, total)
+    resumed = VarianceProbe(ProbeSettings(every=0, histogram_points=5), data, 4, SEED, total)
     resumed.load_state_dict(json.loads(json.dumps(probe.state_dict())))
     assert resumed.histograms() == hist
     assert not resumed.histogram_due(due[0]) and not resumed.histogram_due(due[1])

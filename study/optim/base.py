@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from study.data import Batch, DataSplit, UniformSampler
-from study.optim.update import UpdateRule, make_update_rule
+from study.optim.options import FamilyOptions, StepOptions, parse_options
+from study.optim.update import SGDRule, UpdateRule
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, targets)`` -> per-example losses (reduction='none')."""
@@ -84,17 +85,17 @@ class Periodic:
 
 
 class Optimizer:
-    """Base class: the plain mini-batch gradient with a configurable update rule.
+    """Base class: the plain mini-batch gradient, applied by SGD with the options' momentum.
 
-    Subclasses set ``family``, ``variants`` and ``options`` (option name -> default; the
-    spec validates user options against these keys and the defaults' types) and override
-    ``direction`` and, where needed, ``step`` / ``periodic`` / ``sampler`` and the state.
+    Subclasses set ``family``, ``variants`` (the first is the default) and ``Options`` (a
+    ``FamilyOptions`` model: typed fields with defaults and constraints, checked by the spec
+    for every grid point) and override ``direction`` and, where needed, ``make_rule``,
+    ``step``, ``periodic``, ``sampler``, ``metrics`` and the state.
     """
 
     family: ClassVar[str] = ""
     variants: ClassVar[tuple[str, ...]] = ()
-    options: ClassVar[dict[str, Any]] = {}
-    default_rule: ClassVar[str] = "sgd"
+    Options: ClassVar[type[FamilyOptions]] = StepOptions
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, lr: float, variant: str | None = None,
                  **options: Any):
@@ -104,22 +105,18 @@ class Optimizer:
         if variant not in self.variants:
             raise ValueError(f"{self.family}: unknown variant {variant!r}; "
                              f"choose from {list(self.variants)}")
-        unknown = set(options) - set(self.options)
-        if unknown:
-            raise ValueError(f"{self.family}: unknown option(s) {sorted(unknown)}; "
-                             f"known: {sorted(self.options)}")
         self.model = model
         self.loss_fn = loss_fn
         self.lr = float(lr)
         self.variant = variant
-        self.opts = {**self.options, **options}
+        self.opts = parse_options(self.Options, self.family, variant, options)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.rule: UpdateRule = make_update_rule(self.update_rule_name(), self.params, self.opts)
+        self.rule: UpdateRule = self.make_rule()
 
     # -- what a family overrides -------------------------------------------------------------
-    def update_rule_name(self) -> str:
-        """Which update rule applies the direction (``sgd`` with momentum options, or ``adam``)."""
-        return self.default_rule
+    def make_rule(self) -> UpdateRule:
+        """The update rule that turns directions into steps (SGD with heavy-ball momentum)."""
+        return SGDRule(self.opts.momentum, weight_decay=self.opts.weight_decay)
 
     def direction(self, batch: Batch) -> Direction:
         grads, loss = gradient(self.model, self.loss_fn, batch, self.params)
@@ -130,6 +127,10 @@ class Optimizer:
 
     def periodic(self) -> list[Periodic]:
         return []
+
+    def metrics(self) -> dict[str, float]:
+        """Family-specific numbers logged at every epoch's end (none by default)."""
+        return {}
 
     def sampler(self, n: int, batch_size: int, generator: torch.Generator):
         """The training sampler for one epoch; uniform without replacement by default."""

@@ -34,7 +34,7 @@ snapshot at the end of epoch ``snapshot_every``) is uniform sampling with unit w
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -48,6 +48,7 @@ from study.optim.gc_distance import (
     layer_records,
     pooled_factors,
 )
+from study.optim.options import Count, Fraction, NonNegative, NonNegativeCount, StepOptions
 from study.optim.registry import register
 from study.optim.stratified import StratifiedSampler, cluster_counts, importance_weights
 
@@ -73,25 +74,25 @@ def kmeans_pp(dist: torch.Tensor, k: int, generator: torch.Generator) -> torch.T
     return torch.tensor(chosen)
 
 
+class GCOptions(StepOptions):
+    nclusters: Count = 10
+    citers: Count = 3                 # batch: assignment passes per snapshot
+    snapshot_every: Count = 1         # epochs between snapshots
+    online_every: Count = 10          # online: iterations between EM steps
+    beta: Fraction = 0.99             # online: EMA of the cluster sizes
+    reinit_every: NonNegativeCount = 50   # online: iterations between re-inits (0 = never)
+    min_size: NonNegative = 1.0       # smallest cluster, in examples (batch) / fair shares
+
+
 @register
 class GC(Optimizer):
     family = "gc"
     variants = ("online", "batch")
-    options: ClassVar[dict[str, Any]] = {
-        "nclusters": 10, "citers": 3, "snapshot_every": 1, "online_every": 10, "beta": 0.99,
-        "reinit_every": 50, "min_size": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    Options = GCOptions
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
-        o = self.opts
-        for name in ("nclusters", "citers", "snapshot_every", "online_every"):
-            if int(o[name]) < 1:
-                raise ValueError(f"gc: {name} must be >= 1, got {o[name]}")
-        if not 0.0 <= float(o["beta"]) < 1.0:
-            raise ValueError(f"gc: beta must be in [0, 1), got {o['beta']}")
-        if int(o["reinit_every"]) < 0 or float(o["min_size"]) < 0:
-            raise ValueError("gc: reinit_every and min_size must be >= 0")
-        self.nclusters = int(o["nclusters"])
+        self.nclusters = self.opts.nclusters
         self.modules = [m for m in layers_with_params(model) if isinstance(m, SUPPORTED)]
         if not self.modules:
             raise ValueError("gc: the model has no Linear/Conv1d/Conv2d layer to cluster")
@@ -109,14 +110,13 @@ class GC(Optimizer):
 
     # -- schedule -----------------------------------------------------------------------------
     def periodic(self) -> list[Periodic]:
-        every = int(self.opts["snapshot_every"])
+        o = self.opts
         if self.variant == "batch":
-            return [Periodic("snapshot", every, "epoch", self.batch_snapshot)]
-        work = [Periodic("frequent", int(self.opts["online_every"]), "iter", self.em_step),
-                Periodic("snapshot", every, "epoch", self.assignment_snapshot)]
-        if int(self.opts["reinit_every"]):
-            work.insert(1, Periodic("frequent", int(self.opts["reinit_every"]), "iter",
-                                    self.reinit))
+            return [Periodic("snapshot", o.snapshot_every, "epoch", self.batch_snapshot)]
+        work = [Periodic("frequent", o.online_every, "iter", self.em_step),
+                Periodic("snapshot", o.snapshot_every, "epoch", self.assignment_snapshot)]
+        if o.reinit_every:
+            work.insert(1, Periodic("frequent", o.reinit_every, "iter", self.reinit))
         return work
 
     # -- the estimator ------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class GC(Optimizer):
     def batch_snapshot(self, ctx: Context) -> int:
         """``citers`` assign/rebalance/update passes; the last assignment feeds the sampler."""
         cost = self.init_centers(ctx) if self.ci is None else 0
-        for _ in range(int(self.opts["citers"])):
+        for _ in range(self.opts.citers):
             assignment, distortion, sums, counts = self._pass(ctx, accumulate=True)
             cost += len(ctx.train) + self._rebalance(ctx, assignment, counts, distortion, sums)
             counts = cluster_counts(assignment, self.nclusters)
@@ -216,7 +216,7 @@ class GC(Optimizer):
         """Move a random half of the highest-distortion cluster into the smallest one if it
         has fewer than ``min_size`` members; returns the examples re-run for their factors."""
         small = int(counts.argmin())
-        min_size = float(self.opts["min_size"])
+        min_size = self.opts.min_size
         if counts[small] >= min_size:
             return 0
         candidates = distortion.masked_fill(counts < max(min_size, 2), -math.inf)
@@ -253,7 +253,7 @@ class GC(Optimizer):
     def em_step(self, ctx: Context) -> int:
         """One online EM step on a random mini-batch drawn with ``ctx.generator``."""
         cost = self._ensure_online_init(ctx)
-        n, beta = len(ctx.train), float(self.opts["beta"])
+        n, beta = len(ctx.train), self.opts.beta
         idx = torch.randperm(n, generator=ctx.generator)[:ctx.batch_size]
         choice, dist, pooled = self._assign(self._records(ctx.train.batch(idx)), self.sizes)
         counts = cluster_counts(choice, self.nclusters).double()
@@ -277,7 +277,7 @@ class GC(Optimizer):
         """Online: re-seed the smallest under-sized cluster from the highest-distortion one."""
         if self.ci is None:
             return 0
-        small = self.sizes / ctx.batch_size < float(self.opts["min_size"]) / self.nclusters
+        small = self.sizes / ctx.batch_size < self.opts.min_size / self.nclusters
         candidates = self.distortion.masked_fill(small, -math.inf)
         if not small.any() or candidates.max() == -math.inf:
             return 0

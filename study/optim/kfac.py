@@ -17,7 +17,7 @@ before the first step, so only outside a trial) ``direction`` is the plain gradi
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,28 +32,31 @@ from study.optim.kfac_factors import (
     running_average,
     sample_labels,
 )
+from study.optim.options import Count, Fraction, Momentum, Positive, StepOptions
 from study.optim.registry import register
+from study.optim.update import SGDRule
 
 WEIGHT_DECAY_DELAY = 20
 """Weight decay applies after this many ``t_cov`` periods (the reference's ``20·TCov``)."""
+
+
+class KFACOptions(StepOptions):
+    momentum: Momentum = 0.9
+    damping: Positive = 1e-3
+    stat_decay: Fraction = 0.95
+    kl_clip: Positive = 1e-2
+    t_cov: Count = 10                 # iterations between factor updates (frequent work)
+    t_inv: Count = 100                # iterations between eigendecompositions (snapshots)
 
 
 @register
 class KFAC(Optimizer):
     family = "kfac"
     variants = ("kfac",)
-    options: ClassVar[dict[str, Any]] = {
-        "momentum": 0.9, "weight_decay": 0.0, "damping": 1e-3, "stat_decay": 0.95,
-        "kl_clip": 1e-2, "t_cov": 10, "t_inv": 100}
+    Options = KFACOptions
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
-        self._validate()
-        self.damping = float(self.opts["damping"])
-        self.stat_decay = float(self.opts["stat_decay"])
-        self.kl_clip = float(self.opts["kl_clip"])
-        self.t_cov, self.t_inv = int(self.opts["t_cov"]), int(self.opts["t_inv"])
-        self.weight_decay = float(self.opts["weight_decay"])
         self.layers = [m for m in layers_with_params(model)
                        if isinstance(m, SUPPORTED) and kfac_supported(m)]
         position = {id(p): i for i, p in enumerate(self.params)}
@@ -64,23 +67,18 @@ class KFAC(Optimizer):
         self.a_factors: list[torch.Tensor | None] = [None] * n
         self.g_factors: list[torch.Tensor | None] = [None] * n
         self.bases: list[Eigenbasis | None] = [None] * n
-        self.steps = 0
         self.factor_updates = 0
         self.inverse_updates = 0
 
-    def _validate(self) -> None:
+    def make_rule(self) -> SGDRule:
+        """Momentum SGD; weight decay from step 20·t_cov on, as in the reference."""
         o = self.opts
-        checks = {"damping": o["damping"] > 0, "kl_clip": o["kl_clip"] > 0,
-                  "stat_decay": 0 <= o["stat_decay"] < 1, "momentum": o["momentum"] >= 0,
-                  "weight_decay": o["weight_decay"] >= 0,
-                  "t_cov": int(o["t_cov"]) == o["t_cov"] and o["t_cov"] >= 1,
-                  "t_inv": int(o["t_inv"]) == o["t_inv"] and o["t_inv"] >= 1}
-        wanted = {"damping": "> 0", "kl_clip": "> 0", "stat_decay": "in [0, 1)",
-                  "momentum": ">= 0", "weight_decay": ">= 0", "t_cov": "an integer >= 1",
-                  "t_inv": "an integer >= 1"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"kfac: option {name} must be {wanted[name]}, got {o[name]!r}")
+        return SGDRule(o.momentum, weight_decay=o.weight_decay,
+                       decay_after=WEIGHT_DECAY_DELAY * o.t_cov)
+
+    @property
+    def steps(self) -> int:
+        return self.rule.steps
 
     # -- direction and step ----------------------------------------------------------------
     def direction(self, batch) -> Direction:
@@ -92,7 +90,7 @@ class KFAC(Optimizer):
                        for basis, (iw, ib) in zip(self.bases, self.slots)]
             scaled = [r[0] for r in rotated]
             vg = torch.stack([r[1] for r in rotated]).sum() * self.lr ** 2
-            nu = (self.kl_clip / vg.clamp_min(0)).sqrt().clamp(max=1.0)  # vg = 0 -> 1
+            nu = (self.opts.kl_clip / vg.clamp_min(0)).sqrt().clamp(max=1.0)  # vg = 0 -> 1
             torch._foreach_mul_(scaled, nu)
             tensors = list(grads)
             for basis, (iw, ib), r in zip(self.bases, self.slots, scaled):
@@ -101,16 +99,10 @@ class KFAC(Optimizer):
                     tensors[ib] = v_b
         return Direction(tensors, loss, len(batch), {"preconditioned": True, "nu": nu})
 
-    def step(self, direction: Direction) -> None:
-        delayed = self.steps < WEIGHT_DECAY_DELAY * self.t_cov
-        self.rule.weight_decay = 0.0 if delayed else self.weight_decay
-        super().step(direction)
-        self.steps += 1
-
     # -- scheduled work --------------------------------------------------------------------
     def periodic(self) -> list[Periodic]:
-        return [Periodic("frequent", self.t_cov, "iter", self.update_factors),
-                Periodic("snapshot", self.t_inv, "iter", self.update_inverses)]
+        return [Periodic("frequent", self.opts.t_cov, "iter", self.update_factors),
+                Periodic("snapshot", self.opts.t_inv, "iter", self.update_inverses)]
 
     def update_factors(self, ctx: Context) -> int:
         """One backward of the sampled-label loss on a random mini-batch; cost B."""
@@ -127,9 +119,9 @@ class KFAC(Optimizer):
             for i, layer in enumerate(self.layers):
                 rec = records.records[layer]
                 self.a_factors[i] = running_average(
-                    self.a_factors[i], a_statistic(layer, rec.a), self.stat_decay)
+                    self.a_factors[i], a_statistic(layer, rec.a), self.opts.stat_decay)
                 self.g_factors[i] = running_average(
-                    self.g_factors[i], g_statistic(rec.g, len(batch)), self.stat_decay)
+                    self.g_factors[i], g_statistic(rec.g, len(batch)), self.opts.stat_decay)
         self.factor_updates += 1
         return len(batch)
 
@@ -138,7 +130,7 @@ class KFAC(Optimizer):
         if any(a is None for a in self.a_factors):
             return 0
         with torch.no_grad():
-            self.bases = [Eigenbasis.of(a, g, self.damping, layer.bias is not None)
+            self.bases = [Eigenbasis.of(a, g, self.opts.damping, layer.bias is not None)
                           for a, g, layer in zip(self.a_factors, self.g_factors, self.layers)]
         self.inverse_updates += 1
         return 0
@@ -157,7 +149,6 @@ class KFAC(Optimizer):
             raise ValueError(f"kfac: checkpoint has {len(state['a_factors'])} K-FAC layers, "
                              f"this model has {len(self.layers)}")
         super().load_state_dict(state)
-        self.steps = state["steps"]
         self.factor_updates = state["factor_updates"]
         self.inverse_updates = state["inverse_updates"]
         self.a_factors = [None if x is None else x.clone() for x in state["a_factors"]]

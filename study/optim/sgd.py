@@ -1,29 +1,28 @@
-"""Baselines: SGD (plain, heavy-ball momentum, Nesterov) and Adam on the mini-batch gradient."""
+"""Baselines: SGD (plain, heavy-ball momentum, Nesterov) on the mini-batch gradient."""
 from __future__ import annotations
 
 from study.optim.base import Optimizer
+from study.optim.options import Momentum, NonNegative, OptionError, StepOptions
 from study.optim.registry import register
+from study.optim.update import SGDRule
+
+
+class SGDOptions(StepOptions):
+    momentum: Momentum = 0.9          # the variant decides how it is used (plain ignores it)
+    weight_decay: NonNegative = 0.0
+
+    def check(self, family: str, variant: str) -> None:
+        if variant == "nesterov" and self.momentum <= 0:  # else it silently runs plain SGD
+            raise OptionError(family, "momentum", "variant 'nesterov' needs momentum > 0",
+                              self.momentum)
 
 
 @register
 class SGD(Optimizer):
     family = "sgd"
     variants = ("momentum", "plain", "nesterov")
-    options = {"momentum": 0.9, "weight_decay": 0.0}
+    Options = SGDOptions
 
-    def __init__(self, model, loss_fn, lr, variant=None, **options):
-        super().__init__(model, loss_fn, lr, variant, **options)
-        # The variant decides how momentum is used; the option only sets its size.
-        self.rule.momentum = 0.0 if self.variant == "plain" else float(self.opts["momentum"])
-        self.rule.nesterov = self.variant == "nesterov"
-        if self.rule.nesterov and self.rule.momentum <= 0:  # else it silently runs plain SGD
-            raise ValueError(f"sgd: variant 'nesterov' needs option momentum > 0, "
-                             f"got {self.rule.momentum}")
-
-
-@register
-class Adam(Optimizer):
-    family = "adam"
-    variants = ("adam",)
-    options = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
-    default_rule = "adam"
+    def make_rule(self) -> SGDRule:
+        momentum = 0.0 if self.variant == "plain" else self.opts.momentum
+        return SGDRule(momentum, self.variant == "nesterov", self.opts.weight_decay)

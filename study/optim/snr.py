@@ -1,4 +1,4 @@
-"""Signal-to-noise gradients (kaifishr/SignalNoiseGradients, NOTES-science §2).
+"""Signal-to-noise gradients (kaifishr/SignalNoiseGradients, ``model.py``).
 
 From the per-example gradients of the mini-batch (population statistics, ddof=0), each
 parameter entry has a mean μ and a standard deviation σ; the step direction damps entries
@@ -13,12 +13,11 @@ B gradient evaluations like SGD.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 
 from study.grads import batch_stats
 from study.optim.base import Direction, Optimizer
+from study.optim.options import NonNegative, Positive, StepOptions
 from study.optim.registry import register
 
 DEFAULT_ALPHA = {"I": 1.0, "II": 0.05, "III": 1.0}
@@ -40,35 +39,24 @@ def snr_scaled(variant: str, total: torch.Tensor, total_sq: torch.Tensor, n: int
     raise ValueError(f"snr: unknown variant {variant!r}")
 
 
+class SNROptions(StepOptions):
+    alpha: Positive | None = None     # None: the variant's default (DEFAULT_ALPHA)
+    eps: NonNegative = 1e-5
+
+
 @register
 class SNR(Optimizer):
     family = "snr"
     variants = ("I", "II", "III")
-    options: ClassVar[dict[str, Any]] = {"alpha": None, "eps": 1e-5, "momentum": 0.0,
-                                         "weight_decay": 0.0}
+    Options = SNROptions
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
-        alpha = self.opts["alpha"]
-        self.alpha = DEFAULT_ALPHA[self.variant] if alpha is None else _number("alpha", alpha)
-        self.eps = _number("eps", self.opts["eps"], allow_zero=True)
-        if self.alpha <= 0:
-            raise ValueError(f"snr.options.alpha: must be > 0, got {self.alpha}")
+        alpha = self.opts.alpha
+        self.alpha = DEFAULT_ALPHA[self.variant] if alpha is None else alpha
 
     def direction(self, batch) -> Direction:
         stats = batch_stats(self.model, self.loss_fn, batch, self.params, norms=False)
-        tensors = [snr_scaled(self.variant, t, q, stats.n, self.alpha, self.eps)
+        tensors = [snr_scaled(self.variant, t, q, stats.n, self.alpha, self.opts.eps)
                    for t, q in zip(stats.sum, stats.sum_sq)]
         return Direction(tensors, stats.loss, grad_evals=stats.n)
-
-
-def _number(name: str, value, allow_zero: bool = False) -> float:
-    """YAML gives numbers as int/float (or strings like '1e-5'); reject anything else."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"snr.options.{name}: {value!r} is not a number") from None
-    if number < 0 or (number == 0 and not allow_zero):
-        raise ValueError(f"snr.options.{name}: must be {'>=' if allow_zero else '>'} 0, "
-                         f"got {number}")
-    return number

@@ -23,13 +23,14 @@ module is built and the live model is never touched.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import torch
 from torch.func import functional_call
 
 from study.data import Batch, DataSplit
 from study.optim.base import Context, Direction, LossFn, Optimizer, Periodic, gradient
+from study.optim.options import Count, StepOptions
 from study.optim.registry import register
 
 FULL_PASS_BATCH = 1024
@@ -44,10 +45,6 @@ def snapshot_periodics(every: int, unit: str, run, bootstrap) -> list[Periodic]:
 
     ``bootstrap(ctx)`` runs at iteration 0 when ``unit='epoch'`` (epoch periodics only run at
     epoch ends); it should return 0 when there is nothing to do."""
-    if unit not in ("iter", "epoch"):
-        raise ValueError(f"snapshot_unit must be 'iter' or 'epoch', got {unit!r}")
-    if int(every) < 1:
-        raise ValueError(f"snapshot_every must be >= 1, got {every}")
     periodics = [Periodic("snapshot", int(every), unit, run)]
     if unit == "epoch":
         periodics.insert(0, Periodic("snapshot", ONLY_AT_START, "iter", bootstrap))
@@ -65,12 +62,16 @@ def full_gradient(model: torch.nn.Module, loss_fn: LossFn, split: DataSplit,
     return [t.div_(len(split)) for t in total]
 
 
+class SVRGOptions(StepOptions):
+    snapshot_every: Count = 1
+    snapshot_unit: Literal["iter", "epoch"] = "epoch"
+
+
 @register
 class SVRG(Optimizer):
     family = "svrg"
     variants = ("svrg",)
-    options: ClassVar[dict[str, Any]] = {"snapshot_every": 1, "snapshot_unit": "epoch",
-                                         "momentum": 0.0, "weight_decay": 0.0}
+    Options = SVRGOptions
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
@@ -78,12 +79,9 @@ class SVRG(Optimizer):
         self.snap_params: dict[str, torch.Tensor] | None = None
         self.snap_buffers: dict[str, torch.Tensor] = {}
         self.mu: list[torch.Tensor] | None = None
-        # Validate the schedule at construction so a bad spec fails before training.
-        snapshot_periodics(self.opts["snapshot_every"], self.opts["snapshot_unit"],
-                           self.take_snapshot, self._bootstrap)
 
     def periodic(self) -> list[Periodic]:
-        return snapshot_periodics(self.opts["snapshot_every"], self.opts["snapshot_unit"],
+        return snapshot_periodics(self.opts.snapshot_every, self.opts.snapshot_unit,
                                   self.take_snapshot, self._bootstrap)
 
     def _bootstrap(self, ctx: Context) -> int:

@@ -23,18 +23,23 @@ class UpdateRule:
 
 
 class SGDRule(UpdateRule):
-    """p ← p − lr·v with v = μ·v + d (+ weight decay); Nesterov uses d + μ·v."""
+    """p ← p − lr·v with v = μ·v + d (+ weight decay); Nesterov uses d + μ·v. Weight decay
+    may start late: from step ``decay_after`` on (K-FAC's reference waits 20·t_cov steps)."""
 
-    def __init__(self, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+    def __init__(self, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 decay_after: int = 0):
         if nesterov and momentum <= 0:
             raise ValueError("nesterov needs momentum > 0")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.decay_after = decay_after
+        self.steps = 0
         self.buffers: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def apply(self, params, direction, lr):
-        if self.weight_decay:
+        if self.weight_decay and self.steps >= self.decay_after:
             direction = [d + self.weight_decay * p for d, p in zip(direction, params)]
+        self.steps += 1
         if self.momentum:
             if self.buffers is None:
                 self.buffers = [d.detach().clone() for d in direction]
@@ -49,10 +54,10 @@ class SGDRule(UpdateRule):
             p.add_(d, alpha=-lr)
 
     def state_dict(self):
-        return {"buffers": self.buffers}
+        return {"buffers": self.buffers, "steps": self.steps}
 
     def load_state_dict(self, state):
-        self.buffers = state["buffers"]
+        self.buffers, self.steps = state["buffers"], state["steps"]
 
 
 class AdamRule(UpdateRule):
@@ -85,14 +90,3 @@ class AdamRule(UpdateRule):
 
     def load_state_dict(self, state):
         self.t, self.m, self.v = state["t"], state["m"], state["v"]
-
-
-def make_update_rule(name: str, params: list[torch.Tensor], opts: dict[str, Any]) -> UpdateRule:
-    """Build a rule from a family's options (keys it does not use are ignored)."""
-    wd = float(opts.get("weight_decay", 0.0))
-    if name == "sgd":
-        return SGDRule(float(opts.get("momentum", 0.0)), bool(opts.get("nesterov", False)), wd)
-    if name == "adam":
-        return AdamRule(float(opts.get("beta1", 0.9)), float(opts.get("beta2", 0.999)),
-                        float(opts.get("eps", 1e-8)), wd)
-    raise ValueError(f"unknown update rule {name!r}")

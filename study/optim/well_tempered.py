@@ -1,4 +1,4 @@
-"""Well-tempered backprop (ansuini/WellTemperedSGD, NOTES-science §3).
+"""Well-tempered backprop (ansuini/WellTemperedSGD).
 
 Per parameter entry, the mini-batch gradients g_1..g_B of a window give m1 = Σg/B,
 m2 = Σg²/B, the standard error err = sqrt((m2 − m1²)/B) (err == 0 -> 1e-8) and
@@ -17,11 +17,13 @@ gradient in ``extras['raw']``; ``step`` accumulates it and updates.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from study.optim.base import Direction, Optimizer, Periodic, gradient
+from study.optim.options import StepOptions
 from study.optim.registry import register
 
 ZERO_ERROR = 1e-8
@@ -40,18 +42,19 @@ def damping(snr: torch.Tensor) -> torch.Tensor:
     return snr.clamp(max=1)
 
 
+class WellTemperedOptions(StepOptions):
+    n: Annotated[int, Field(ge=2)] = 10   # accumulate: mini-batches per update
+
+
 @register
 class WellTempered(Optimizer):
     family = "well_tempered"
     variants = ("epoch", "accumulate")
-    options: ClassVar[dict[str, Any]] = {"n": 10, "momentum": 0.0, "weight_decay": 0.0}
+    Options = WellTemperedOptions
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
-        n = self.opts["n"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"well_tempered.options.n: must be an integer >= 2, got {n!r}")
-        self.n = n
+        self.n = self.opts.n
         names = {p: name for name, p in model.named_parameters()}
         self.names = [names[p] for p in self.params]
         self.total: list[torch.Tensor] | None = None

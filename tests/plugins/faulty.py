@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from study.optim.base import Optimizer
+from study.optim.options import NonNegative, NonNegativeCount, StepOptions
 from study.optim.registry import FAMILIES, register
 
 
@@ -14,21 +15,26 @@ class InjectedFault(RuntimeError):
     """The failure this family raises, so tests can tell it from a real bug."""
 
 
+class FaultyOptions(StepOptions):
+    fail_after: NonNegativeCount = 0  # steps before step() raises (0 = never)
+    sleep_s: NonNegative = 0.0        # seconds slept per step
+
+
 class Faulty(Optimizer):
     family = "faulty"
     variants = ("sgd",)
-    options = {"fail_after": 0, "sleep_s": 0.0}
+    Options = FaultyOptions
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
         self.steps = 0
 
     def step(self, direction):
-        fail_after = int(self.opts["fail_after"])
+        fail_after = self.opts.fail_after
         if fail_after and self.steps >= fail_after:
             raise InjectedFault(f"faulty: injected failure after {self.steps} steps")
-        if self.opts["sleep_s"]:
-            time.sleep(float(self.opts["sleep_s"]))
+        if self.opts.sleep_s:
+            time.sleep(self.opts.sleep_s)
         super().step(direction)
         self.steps += 1
 

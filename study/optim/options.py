@@ -1,0 +1,68 @@
+"""A family's options as a typed model (optax style: typed keyword arguments with defaults).
+
+Each family declares ``class Options(StepOptions)`` with constrained fields; the spec checks
+every grid point of every variant against it before anything starts, and the family reads
+typed attributes (``self.opts.damping``). A bad value is one ``OptionError`` naming
+``<family>.options.<key>`` and the value. Strict types: YAML numbers only (``"1e-3"`` is text).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]      # an EMA decay, a beta
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+Count = Annotated[int, Field(ge=1)]                # periods, iterations, clusters
+NonNegativeCount = Annotated[int, Field(ge=0)]     # 0 = off
+
+
+class FamilyOptions(BaseModel):
+    """Options with defaults; unknown names and wrong types are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def check(self, family: str, variant: str) -> None:
+        """Constraints that involve the variant (raise ``OptionError``); none by default."""
+
+
+class StepOptions(FamilyOptions):
+    """What the default update rule reads: SGD with heavy-ball momentum and weight decay."""
+
+    momentum: Momentum = 0.0
+    weight_decay: NonNegative = 0.0
+
+
+class OptionError(ValueError):
+    """One bad option: ``<family>.options.<field>: <message> (got <value>)``."""
+
+    def __init__(self, family: str, field: str, message: str, value: Any):
+        super().__init__(f"{family}.options.{field}: {message} (got {value!r})")
+        self.family, self.field, self.message, self.value = family, field, message, value
+
+
+def parse_options(cls: type[FamilyOptions], family: str, variant: str,
+                  values: dict[str, Any]) -> FamilyOptions:
+    """``values`` checked against ``cls`` (and the variant); the first problem raises."""
+    try:
+        options = cls.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = f"unknown option; known: {', '.join(cls.model_fields) or 'none'}"
+        raise OptionError(family, field, message, first.get("input")) from None
+    options.check(family, variant)
+    return options
+
+
+def describe(cls: type[FamilyOptions]) -> dict[str, str]:
+    """Option -> 'default (constraint)', for listings."""
+    out = {}
+    for name, info in cls.model_fields.items():
+        limits = " ".join(str(m) for m in info.metadata)
+        out[name] = f"{info.default!r}" + (f" ({limits})" if limits else "")
+    return out
