@@ -39,7 +39,7 @@ __all__ = ["FAMILY_COLORS", "FigureResult", "arm_label", "arm_suffix", "family_c
 
 
 def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
-                   metric: str = "test_accuracy") -> FigureResult:
+                   metric: str = C.TEST_ACCURACY) -> FigureResult:
     """DeepOBS LR-sensitivity: final accuracy vs LR, a panel per problem × batch size, a line
     per family/variant (seed mean ± std); an x marks a diverged trial."""
     if metric not in trials.columns or trials[metric].notna().sum() == 0:
@@ -86,7 +86,7 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
 
 
 def lr_bs_heatmaps(trials: pd.DataFrame, out_dir: Path,
-                   metric: str = "test_accuracy") -> FigureResult:
+                   metric: str = C.TEST_ACCURACY) -> FigureResult:
     """Seed-mean final accuracy on the LR × batch-size grid, one panel per problem × arm;
     cells say 'div' where a seed diverged and 'err' where no seed is a result (errored,
     interrupted or still running)."""
@@ -169,8 +169,8 @@ def _setting_label(row) -> str:
 def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
     """Test accuracy and train loss per unit of work (gradient evaluations) at each family's
     tuned setting (seed means)."""
-    wanted = ["grad_evals", "test_accuracy", "train_loss"]
-    if best.empty or metrics.empty or "grad_evals" not in set(metrics["key"]):
+    wanted = [C.GRAD_EVALS, C.TEST_ACCURACY, C.TRAIN_LOSS]
+    if best.empty or metrics.empty or C.GRAD_EVALS not in set(metrics["key"]):
         return skipped("no grad_evals history to plot learning curves against")
     problems = problems_of(best)
     fig, axes = panel_grid(len(problems), 2)
@@ -178,13 +178,13 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
     for r, problem in enumerate(problems):
         for _, row in _family_rows(best, problem):
             curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
-            if curves.empty or "grad_evals" not in curves:
+            if curves.empty or C.GRAD_EVALS not in curves:
                 continue
-            for ax, key, scale in ((axes[r, 0], "test_accuracy", 100), (axes[r, 1], "train_loss",
+            for ax, key, scale in ((axes[r, 0], C.TEST_ACCURACY, 100), (axes[r, 1], C.TRAIN_LOSS,
                                                                       1)):
                 if key in curves:
-                    c = curves[["grad_evals", key]].dropna()
-                    ax.plot(c["grad_evals"], scale * c[key], color=family_color(row["family"]),
+                    c = curves[[C.GRAD_EVALS, key]].dropna()
+                    ax.plot(c[C.GRAD_EVALS], scale * c[key], color=family_color(row["family"]),
                             marker=".", label=_setting_label(row))
                     n_series += 1
         axes[r, 0].set_ylabel("test accuracy (%)")
@@ -205,7 +205,8 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
 def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
     """Faghri et al.: variance and normalized variance of each family's step direction over
     iterations, at its tuned setting (seed means, log y)."""
-    keys = {"var/dir_var": "direction variance", "var/dir_nvar": "normalized variance"}
+    keys = {C.variance_key(C.DIRECTION, "var"): "direction variance",
+            C.variance_key(C.DIRECTION, "nvar"): "normalized variance"}
     if best.empty or metrics.empty or not set(keys) & set(metrics["key"]):
         return skipped("no var/dir_var or var/dir_nvar metrics recorded")
     problems = problems_of(best)
@@ -290,7 +291,7 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
         by_iter: dict[int, list] = {}
         for entries in hists[key]["layers"].values():
             for e in entries:
-                by_iter.setdefault(int(e["iteration"]), []).append(e)
+                by_iter.setdefault(int(e[C.ITERATION]), []).append(e)
         iterations = sorted(by_iter)
         pick = [iterations[int(i)] for i in np.unique(np.linspace(0, len(iterations) - 1,
                                                                   min(max_lines, len(iterations))))]

@@ -31,7 +31,7 @@ _TUNE_BOOKKEEPING = {
     "hostname", "node_ip", "time_this_iter_s", "time_total_s", "time_since_restore",
     "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint", "experiment_tag",
 }
-_STEP_KEYS = ("step", "iteration", "global_step")
+_STEP_KEYS = ("step", C.ITERATION, "global_step")
 _NAME_KEYS = ("arm", "family", "variant", "model", "dataset")
 
 
@@ -249,7 +249,7 @@ def _tune_status(trial_dir: Path, results: list[dict]) -> str:
 
 
 def _last_epoch(results: list[dict]) -> float:
-    epochs = [r["epoch"] for r in results if isinstance(r.get("epoch"), (int, float))]
+    epochs = [r[C.EPOCH] for r in results if isinstance(r.get(C.EPOCH), (int, float))]
     return max(epochs) if epochs else float("nan")
 
 

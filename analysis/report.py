@@ -26,7 +26,7 @@ from study import contract as C
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("dataset", "model", "family", "variant", "batch_size", "best_lr",
-                   "test_accuracy", "train_loss", "n_diverged")
+                   C.TEST_ACCURACY, C.TRAIN_LOSS, "n_diverged")
 FIGURE_CAPTIONS = {
     "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; x = diverged).",
     "lr_bs_heatmaps": "Final test accuracy (%) over the LR × batch-size grid, per family.",
@@ -160,7 +160,7 @@ def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float]) -> N
 
 
 def make_report(study: str, tracking_uri: str | None = None, results_dir=None, out_dir=None,
-                select: str = "val_accuracy", log_to_mlflow: bool = True,
+                select: str = C.VAL_ACCURACY, log_to_mlflow: bool = True,
                 parent_run_id: str | None = None, tolerance: float = 0.01,
                 target_fraction: float = 0.9) -> Path:
     """Write the study's report folder (default ``reports/<study>``) and return its path."""

@@ -21,13 +21,13 @@ from study import contract as C
 
 BEST_FILE = "best.csv"
 BEST_COLUMNS = ("dataset", "model", "family", "variant", "arm", "lr", "batch_size",
-                "val_accuracy", "test_accuracy", "n_seeds")
-BEST_METRICS = ("val_accuracy", "test_accuracy")
+                C.VAL_ACCURACY, C.TEST_ACCURACY, "n_seeds")
+BEST_METRICS = (C.VAL_ACCURACY, C.TEST_ACCURACY)
 _MAX_NOTE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _UNTUNED = ("variant", "arm", "lr", "batch_size", *BEST_METRICS)  # blank without a tuned setting
 
 
-def best_frame(trials: pd.DataFrame, select: str = "val_accuracy") -> pd.DataFrame:
+def best_frame(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> pd.DataFrame:
     """One row per dataset × model × family: the tuned setting (``tables.best_settings``) and
     its seed-mean val and test accuracy. A family with no tuned setting (every LR diverged, or
     no result at all) keeps its row with the setting and accuracies blank and n_seeds 0."""
@@ -123,8 +123,8 @@ def description(study: str, trials: pd.DataFrame, best: pd.DataFrame, select: st
         "model": best["model"], "family": best["family"],
         "variant": [_variant(r) for r in best.itertuples(index=False)],
         "lr": best["lr"], "batch size": best["batch_size"],
-        "val acc (%)": [_pct(v) for v in best["val_accuracy"]],
-        "test acc (%)": [_pct(v) for v in best["test_accuracy"]], "seeds": best["n_seeds"]})
+        "val acc (%)": [_pct(v) for v in best[C.VAL_ACCURACY]],
+        "test acc (%)": [_pct(v) for v in best[C.TEST_ACCURACY]], "seeds": best["n_seeds"]})
     return "\n".join(lines) + "\n" + to_markdown(table)
 
 

@@ -17,10 +17,10 @@ import pandas as pd
 from analysis.writer import Table
 from study import contract as C
 
-SELECTIONS = {"val_accuracy": "max", "train_loss": "min", "test_accuracy": "max"}
+SELECTIONS = {C.VAL_ACCURACY: "max", C.TRAIN_LOSS: "min", C.TEST_ACCURACY: "max"}
 SETTING_KEYS = ("dataset", "model", "family", "variant", "arm", "batch_size")
 PROBLEM_KEYS = ("dataset", "model")
-REPORTED = ("test_accuracy", "val_accuracy", "train_loss", "grad_evals", "time_s")
+REPORTED = (C.TEST_ACCURACY, C.VAL_ACCURACY, C.TRAIN_LOSS, C.GRAD_EVALS, C.TIME_S)
 STATUSES = C.STATUSES
 
 
@@ -49,8 +49,8 @@ def resolve_select(trials: pd.DataFrame, select: str) -> str:
         return select
     if not _has_metrics(usable(trials)):  # nothing to select from: the tables say so
         return select
-    if select == "val_accuracy" and "test_accuracy" in trials.columns:
-        return "test_accuracy"
+    if select == C.VAL_ACCURACY and C.TEST_ACCURACY in trials.columns:
+        return C.TEST_ACCURACY
     raise ValueError(f"select={select!r}: no trial logged that metric")
 
 
@@ -61,7 +61,7 @@ def usable(trials: pd.DataFrame) -> pd.DataFrame:
 
 def _has_metrics(frame: pd.DataFrame) -> bool:
     return any(m in frame.columns and frame[m].notna().any()
-               for m in (*SELECTIONS, "test_loss", "val_loss"))
+               for m in (*SELECTIONS, C.TEST_LOSS, C.VAL_LOSS))
 
 
 def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
@@ -90,14 +90,14 @@ def _pick(settings: pd.DataFrame, by: list[str], select: str) -> pd.DataFrame:
     return ordered.groupby(by, dropna=False, sort=True).head(1).reset_index(drop=True)
 
 
-def best_settings(trials: pd.DataFrame, select: str = "val_accuracy",
+def best_settings(trials: pd.DataFrame, select: str = C.VAL_ACCURACY,
                   by=("dataset", "model", "family")) -> pd.DataFrame:
     """The tuned setting (variant, batch size, LR) of each family on each problem."""
     settings = aggregate_settings(trials, select)
     return _pick(settings, keys_in(settings, by), settings.attrs["select"])
 
 
-def best_lr_table(trials: pd.DataFrame, select: str = "val_accuracy") -> Table:
+def best_lr_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
     settings = aggregate_settings(trials, select)
     select = settings.attrs["select"]
     groups = keys_in(settings, SETTING_KEYS)
@@ -114,14 +114,14 @@ def best_lr_table(trials: pd.DataFrame, select: str = "val_accuracy") -> Table:
                  "selected); best_lr is '–' when every LR diverged.")
 
 
-def final_accuracy_long(trials: pd.DataFrame, select: str = "val_accuracy") -> pd.DataFrame:
+def final_accuracy_long(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> pd.DataFrame:
     """Final test accuracy of each family at its tuned setting: mean, std (ddof=1), n seeds."""
     best = best_settings(trials, select)
     runs = trials.set_index("run_id")
     rows = []
     for _, row in best.iterrows():
-        tuned = pd.notna(row["score"]) and "test_accuracy" in runs  # NaN: every LR diverged
-        acc = runs.loc[row["run_ids"], "test_accuracy"] if tuned else []
+        tuned = pd.notna(row["score"]) and C.TEST_ACCURACY in runs  # NaN: every LR diverged
+        acc = runs.loc[row["run_ids"], C.TEST_ACCURACY] if tuned else []
         rows.append({**{k: row[k] for k in keys_in(best, PROBLEM_KEYS + ("family", "arm",
                                                                           "batch_size", "lr"))},
                      "mean": float(np.mean(acc)) if len(acc) else np.nan,
@@ -140,8 +140,8 @@ def _mean_std(mean, std, n) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def final_accuracy_table(trials: pd.DataFrame, select: str = "val_accuracy") -> Table:
-    if "test_accuracy" not in trials.columns:
+def final_accuracy_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
+    if C.TEST_ACCURACY not in trials.columns:
         return note_table("final_test_accuracy", "Final test accuracy",
                           "no test_accuracy metric was logged")
     long = final_accuracy_long(trials, select)
@@ -163,7 +163,7 @@ def tuneability_table(trials: pd.DataFrame, metric: str | None = None,
                       tolerance: float = 0.01) -> Table:
     """DeepOBS-style tuneability: share of the LR grid within ``tolerance`` of the best
     (seed-mean, final accuracy; tolerance 0.01 = 1 percentage point)."""
-    metric = metric or next((m for m in ("val_accuracy", "test_accuracy")
+    metric = metric or next((m for m in (C.VAL_ACCURACY, C.TEST_ACCURACY)
                              if m in trials.columns and trials[m].notna().any()), None)
     if metric is None or metric not in trials.columns:
         return note_table("tuneability", "Tuneability", "no accuracy metric was logged")
@@ -182,18 +182,18 @@ def tuneability_table(trials: pd.DataFrame, metric: str | None = None,
 
 def _first_reach(history: pd.DataFrame, metric: str, target: float) -> pd.DataFrame:
     """Per run: grad_evals and time_s at the first logged step where ``metric`` ≥ target."""
-    wide = history[history["key"].isin([metric, "grad_evals", "time_s"])].pivot_table(
+    wide = history[history["key"].isin([metric, C.GRAD_EVALS, C.TIME_S])].pivot_table(
         index=["run_id", "step"], columns="key", values="value", aggfunc="last").reset_index()
-    for col in ("grad_evals", "time_s", metric):
+    for col in (C.GRAD_EVALS, C.TIME_S, metric):
         if col not in wide:
             wide[col] = np.nan
     hit = wide[wide[metric] >= target].sort_values("step").groupby("run_id").head(1)
     out = pd.DataFrame({"run_id": history["run_id"].unique()})
-    out = out.merge(hit[["run_id", "step", "grad_evals", "time_s"]], on="run_id", how="left")
-    return out.fillna({"grad_evals": np.inf, "time_s": np.inf, "step": np.inf})
+    out = out.merge(hit[["run_id", "step", C.GRAD_EVALS, C.TIME_S]], on="run_id", how="left")
+    return out.fillna({C.GRAD_EVALS: np.inf, C.TIME_S: np.inf, "step": np.inf})
 
 
-def cost_to_target_frame(trials, metrics, select="val_accuracy", metric="test_accuracy",
+def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_ACCURACY,
                          target_fraction=0.9, target=None) -> pd.DataFrame:
     """AlgoPerf time-to-target per problem × family: at the tuned setting (median over seeds,
     a seed that misses counts as ∞) and the fastest trial anywhere in the family's grid."""
@@ -221,16 +221,16 @@ def cost_to_target_frame(trials, metrics, select="val_accuracy", metric="test_ac
                          "arm": setting["arm"], "batch_size": setting["batch_size"],
                          "lr": setting["lr"], "target": goal,
                          "reached": f"{int(np.isfinite(mine['grad_evals']).sum())}/{len(mine)}",
-                         "grad_evals_to_target": float(np.median(mine["grad_evals"]))
+                         "grad_evals_to_target": float(np.median(mine[C.GRAD_EVALS]))
                          if len(mine) else np.inf,
-                         "time_s_to_target": float(np.median(mine["time_s"]))
+                         "time_s_to_target": float(np.median(mine[C.TIME_S]))
                          if len(mine) else np.inf,
-                         "fastest_grad_evals_in_grid": float(family_runs["grad_evals"].min()),
-                         "fastest_time_s_in_grid": float(family_runs["time_s"].min())})
+                         "fastest_grad_evals_in_grid": float(family_runs[C.GRAD_EVALS].min()),
+                         "fastest_time_s_in_grid": float(family_runs[C.TIME_S].min())})
     return pd.DataFrame(rows)
 
 
-def cost_to_target_table(trials, metrics, select="val_accuracy", metric="test_accuracy",
+def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_ACCURACY,
                          target_fraction=0.9, target=None) -> Table:
     frame = cost_to_target_frame(trials, metrics, select, metric, target_fraction, target)
     if frame.empty:
@@ -267,8 +267,8 @@ def status_counts(trials: pd.DataFrame, by: str = "family") -> pd.DataFrame:
     return counts
 
 
-def critical_batch_table(trials, metrics, select="val_accuracy",
-                         key="var/noise_scale") -> Table:
+def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
+                         key=C.NOISE_SCALE) -> Table:
     """Measured B_simple (McCandlish et al.) beside the best batch size the grid found."""
     title = "Critical batch size: measured noise scale B_simple vs the grid's best batch size"
     if metrics.empty or key not in set(metrics["key"]):
@@ -310,15 +310,15 @@ def critical_batch_table(trials, metrics, select="val_accuracy",
 
 def _pooled_noise_scale(metrics, run_ids) -> float:
     mine = metrics[metrics["run_id"].isin(run_ids)]
-    trace = mine.loc[mine["key"] == "var/trace_sigma", "value"]
-    grad_sq = mine.loc[mine["key"] == "var/grad_sq_unbiased", "value"]
+    trace = mine.loc[mine["key"] == C.TRACE_SIGMA, "value"]
+    grad_sq = mine.loc[mine["key"] == C.GRAD_SQ_UNBIASED, "value"]
     if trace.empty or grad_sq.empty:
         return np.nan
     return float(trace.mean() / grad_sq.mean()) if grad_sq.mean() > 0 else np.inf
 
 
-def all_tables(trials, metrics, select="val_accuracy", tolerance=0.01, target_fraction=0.9,
-               target_metric="test_accuracy") -> list[Table]:
+def all_tables(trials, metrics, select=C.VAL_ACCURACY, tolerance=0.01, target_fraction=0.9,
+               target_metric=C.TEST_ACCURACY) -> list[Table]:
     return [best_lr_table(trials, select), final_accuracy_table(trials, select),
             tuneability_table(trials, tolerance=tolerance),
             cost_to_target_table(trials, metrics, select, target_metric, target_fraction),

@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 import study.optim
 from study.data import DataSplit
-from study.grads.capture import SUPPORTED, layers_with_params
 from study.models import MLP, CNN1d
 from study.optim import Context
-from study.optim.kfac_factors import kfac_supported
+from study.optim.kfac import kfac_layers
 
 ONCE = 2 ** 40
 """Periods at least this long mean "only at the start" (e.g. SVRG's bootstrap)."""
@@ -164,7 +163,7 @@ def calibrate(sgd: Method, device: str, budget: float = 0.15) -> int:
 
 def ratios(m: Method, sgd: Method) -> dict:
     """Medians over repeats of per-repeat ratios to SGD (same repeat, same conditions)."""
-    freq = [i for i, (p, period) in enumerate(m.work) if p.kind == "frequent" and period < ONCE]
+    freq = [i for i, (p, period) in enumerate(m.work) if p.size == "minibatch" and period < ONCE]
     every = [i for i, (_, period) in enumerate(m.work) if period < ONCE]
 
     work = {i: statistics.median(m.work_times[i]) for i in every}
@@ -178,7 +177,7 @@ def ratios(m: Method, sgd: Method) -> dict:
             "per_step": statistics.median(m.step_times[r] / sgd.step_times[r] for r in reps),
             "plus_frequent": statistics.median(amortized(r, freq) for r in reps),
             "amortized": statistics.median(amortized(r, every) for r in reps),
-            "work": {f"{m.work[i][0].kind}/{m.work[i][0].run.__name__} every "
+            "work": {f"{m.work[i][0].size}/{m.work[i][0].run.__name__} every "
                      f"{m.work[i][1]} it": work[i] * 1e3 for i in every}}
 
 
@@ -192,8 +191,7 @@ def kfac_floor(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int
     pair d_out²·d_in + d_out·d_in²; the brief's floor counts one pair (k = 1), the formula
     needs both (k = 2).
     """
-    layers = [m for m in layers_with_params(model)
-              if isinstance(m, SUPPORTED) and kfac_supported(m)]
+    layers = kfac_layers(model)
     outputs = {}
     hooks = [m.register_forward_hook(lambda mod, i, o: outputs.__setitem__(mod, o))
              for m in layers]

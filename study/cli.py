@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a spec; print the number of trials it resolves to")
     v.add_argument("spec")
+    f = sub.add_parser("families", help="list the optimizer families, variants and options")
+    f.add_argument("--plugins", nargs="*", default=[], help="plugin modules or .py files")
     s = sub.add_parser("sweep", help="run (or resume) a study, then write its report")
     s.add_argument("spec")
     s.add_argument("--address", help="Ray cluster address (default: a local Ray runtime)")
@@ -28,12 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fresh", action="store_true",
                    help="start a new sweep instead of resuming the stored one")
     s.add_argument("--no-report", action="store_true", help="skip the report at the end")
-    r = sub.add_parser("report", help="write reports/<study>/ from the study's runs")
-    r.add_argument("--study", required=True)
-    r.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    r.add_argument("--results", help="a Ray Tune results folder (when there is no MLflow store)")
-    r.add_argument("--select", default="val_accuracy",
-                   help="how the best lr is chosen: val_accuracy, test_accuracy or train_loss")
+    from analysis.command import add_report_arguments, run_report  # the one report command
+
+    add_report_arguments(sub.add_parser("report", help="write reports/<study>/ from the "
+                                                       "study's runs"))
     args = parser.parse_args(argv)
 
     try:
@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.spec}: OK, study {spec.name!r}: {spec.num_trials():,} trials "
                   f"({spec.search.kind} search)")
             return 0
+        if args.command == "families":
+            _print_families(args.plugins)
+            return 0
         if args.command == "sweep":
             return _sweep(args)
-        from study.tracking import resolve_uri
-
-        out = _report(args.study, resolve_uri(args.tracking_uri), args.results, args.select)
-        print(f"report: {out / 'index.html'}")
+        run_report(args)
     except (SpecError, ConnectionError, FileNotFoundError, ValueError) as err:
         for line in str(err).strip().splitlines() or [type(err).__name__]:
             print(f"error: {line.strip()}", file=sys.stderr)
@@ -95,6 +95,18 @@ def _sweep(args) -> int:
           f"report/ of MLflow parent run {result.parent_run_id})")
     print(f"compare the runs: {_ui_command(result.tracking_uri)}")
     return 0
+
+
+def _print_families(plugins: list[str]) -> None:
+    from study.optim import FAMILIES
+    from study.optim.options import describe
+    from study.plugins import import_plugins, resolve
+
+    import_plugins([resolve(p, None) for p in plugins])
+    for name, cls in sorted(FAMILIES.items()):
+        print(f"{name}: variants {', '.join(cls.variants)} (default {cls.variants[0]})")
+        for option, text in describe(cls.Options).items():
+            print(f"    {option} = {text}")
 
 
 def _selection(metric: str) -> str:

@@ -29,13 +29,42 @@ TAG_NOTE = "mlflow.note.content"     # the run description MLflow's UI shows
 TRIAL_TAGS = ("family", "variant", "model", "arm")
 
 # -- metrics every trial reports once per epoch (what ``search.metric`` may name) ---------------
-EPOCH_METRICS = ("epoch", "iteration", "grad_evals", "time_s", "measure_s", "lr", "diverged",
-                 "train_batch_loss", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                 "test_loss", "test_accuracy")
-VALIDATION_METRICS = ("val_loss", "val_accuracy")      # only with dataset.val_fraction > 0
+EPOCH = "epoch"                       # epochs finished
+ITERATION = "iteration"               # steps taken (the MLflow step of every metric)
+GRAD_EVALS = "grad_evals"             # examples through a backward, scheduled work included
+TIME_S = "time_s"                     # training seconds
+MEASURE_S = "measure_s"               # variance-probe seconds
+LR = "lr"
+DIVERGED_FLAG = "diverged"            # the metric: 1 once the trial diverged
+TRAIN_BATCH_LOSS = "train_batch_loss"  # mean of the epoch's mini-batch losses
+TRAIN_LOSS, TRAIN_ACCURACY = "train_loss", "train_accuracy"
+VAL_LOSS, VAL_ACCURACY = "val_loss", "val_accuracy"
+TEST_LOSS, TEST_ACCURACY = "test_loss", "test_accuracy"
+SPLIT_METRICS = {"train": (TRAIN_LOSS, TRAIN_ACCURACY), "val": (VAL_LOSS, VAL_ACCURACY),
+                 "test": (TEST_LOSS, TEST_ACCURACY)}          # split -> (loss, accuracy)
+EPOCH_METRICS = (EPOCH, ITERATION, GRAD_EVALS, TIME_S, MEASURE_S, LR, DIVERGED_FLAG,
+                 TRAIN_BATCH_LOSS, TRAIN_LOSS, TRAIN_ACCURACY, VAL_LOSS, VAL_ACCURACY,
+                 TEST_LOSS, TEST_ACCURACY)
+VALIDATION_METRICS = (VAL_LOSS, VAL_ACCURACY)  # only with dataset.val_fraction > 0
 RUN_ID_KEY = "mlflow_run_id"          # reported to Tune beside the metrics (the driver needs it)
-VARIANCE_PREFIX = "var/"              # the variance probe's metrics: var/dir_var, var/noise_scale
 BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>
+
+# -- the variance probe's metrics (Faghri et al.'s get_Ege_var; McCandlish et al.'s B_simple) --
+VARIANCE_PREFIX = "var/"
+VARIANCE_STATISTICS = ("var", "nvar", "logsnr", "gnorm")
+DIRECTION, SGD_GRADIENT = "dir", "sgd"  # the family's step direction; the plain gradient
+VAR_BIAS = "var/bias"                 # mean |E[direction] − E[gradient]|
+NOISE_SCALE = "var/noise_scale"       # B_simple = tr(Σ) / |G|² of one measurement
+TRACE_SIGMA = "var/trace_sigma"
+GRAD_SQ_NORM = "var/grad_sq_norm"     # |G|² as used in the ratio (clamped)
+GRAD_SQ_UNBIASED = "var/grad_sq_unbiased"  # the unclamped unbiased |G|² (for pooling)
+NOISE_EXAMPLES = "var/noise_examples"  # examples one measurement averaged
+
+
+def variance_key(estimator: str, statistic: str) -> str:
+    """``var/<estimator>_<statistic>``, e.g. var/dir_nvar."""
+    return f"{VARIANCE_PREFIX}{estimator}_{statistic}"
+
 
 # -- artifacts ----------------------------------------------------------------------------------
 GRAD_HIST = "grad_hist.json"          # a trial's gradient-magnitude histograms

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from study import contract as C
 from study.config import TrialConfig
 from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
@@ -187,14 +188,15 @@ def probe_step(probe, opt, iteration: int, log: LogFn | None = None) -> int:
 
 def _epoch_metrics(model, opt, splits, c: Progress, losses) -> dict[str, Any]:
     """The epoch's metrics: ``contract.EPOCH_METRICS`` and the family's own."""
-    metrics: dict[str, Any] = {"epoch": c.epoch, "iteration": c.iteration,
-                               "grad_evals": c.grad_evals, "time_s": c.time_s,
-                               "measure_s": c.measure_s, "lr": opt.lr,
-                               "diverged": int(c.diverged),
-                               "train_batch_loss": float(np.mean(losses)) if losses else math.nan}
+    metrics: dict[str, Any] = {C.EPOCH: c.epoch, C.ITERATION: c.iteration,
+                               C.GRAD_EVALS: c.grad_evals, C.TIME_S: c.time_s,
+                               C.MEASURE_S: c.measure_s, C.LR: opt.lr,
+                               C.DIVERGED_FLAG: int(c.diverged),
+                               C.TRAIN_BATCH_LOSS: float(np.mean(losses)) if losses else math.nan}
     for name, split in zip(("train", "val", "test"), splits):
         if split is not None:
-            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = evaluate(model, split)
+            loss, accuracy = C.SPLIT_METRICS[name]
+            metrics[loss], metrics[accuracy] = evaluate(model, split)
     metrics.update(opt.metrics())
     return metrics
 
@@ -224,7 +226,6 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     import ray
     from ray import tune
 
-    from study import contract as C
     from study.tracking import TrialRun
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
@@ -245,7 +246,7 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         histograms = metrics.pop("histograms", None)
-        if histograms and (metrics["epoch"] == cfg.epochs or metrics["diverged"]):
+        if histograms and (metrics[C.EPOCH] == cfg.epochs or metrics[C.DIVERGED_FLAG]):
             run.log_json(C.GRAD_HIST, histograms)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, os.path.join(d, "state.pt"))
@@ -258,7 +259,7 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     except Exception:
         run.end(C.ERRORED)
         raise
-    run.end(C.DIVERGED if final.get("diverged") else C.FINISHED)
+    run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
 
 
 def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:

@@ -108,10 +108,10 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
                 "spec_hash": fingerprint},
         artifacts={C.SPEC_ARTIFACT: spec_text,
                    **({C.GRID_ARTIFACT: spec.trials()} if spec.search.kind == "grid" else {})})
-    store.write_state({"parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": uri,
-                       "spec_hash": fingerprint})
     out = StudyResult(spec.name, store.study_uri, uri, exp_id, parent)
     try:
+        store.write_state({"parent_run_id": parent, "experiment_id": exp_id,
+                           "tracking_uri": uri, "spec_hash": fingerprint})
         mark_interrupted(uri, exp_id, parent)   # left running by a sweep that was killed
         tuner = _tuner(spec, store, uri, exp_id, parent)
         with _quiet_ray_hints(), _own_sigint():
@@ -162,9 +162,9 @@ class TrialOutcomes(Callback):
         result = trial.last_result or {}
         if not result.get(C.RUN_ID_KEY):
             return   # never reported: a trial removed before it started has no run
-        if result.get("diverged"):
+        if result.get(C.DIVERGED_FLAG):
             status = C.DIVERGED
-        elif result.get("epoch", 0) >= self.epochs:
+        elif result.get(C.EPOCH, 0) >= self.epochs:
             status = C.FINISHED
         else:
             status = C.STOPPED

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from study import contract as C
 from study.data import Batch, DataSplit, UniformSampler, epoch_generator
 from study.grads import batch_stats
 from study.optim.base import Optimizer, gradient
@@ -152,8 +153,8 @@ class VarianceProbe:
                 sgd.add(total / st.n)
                 if not plain:
                     dir_.add(_flat(opt.direction(d).tensors, acc))
-            out = {**dir_.summary("dir"), **sgd.summary("sgd"),
-                   "var/bias": (dir_.mean - sgd.mean).abs().mean(),
+            out = {**dir_.summary(C.DIRECTION), **sgd.summary(C.SGD_GRADIENT),
+                   C.VAR_BIAS: (dir_.mean - sgd.mean).abs().mean(),
                    **_noise_scale(ex_sum, ex_sq, n_examples)}
             values = torch.stack([torch.as_tensor(v, dtype=acc, device=sgd_mean.device)
                                   for v in out.values()]).tolist()   # one device sync
@@ -171,7 +172,7 @@ class VarianceProbe:
         self._hist_done.append(iteration)
 
     def histograms(self) -> dict[str, Any]:
-        """The grad_hist.json structure (see notes/contract.md)."""
+        """The ``contract.GRAD_HIST`` artifact's structure (read by analysis.figures)."""
         return {"iterations": list(self._hist_done),
                 "layers": {k: [dict(e) for e in v] for k, v in self._hist.items()}}
 
@@ -203,11 +204,11 @@ class _Moments:
 
     def summary(self, prefix: str) -> dict[str, torch.Tensor]:
         nw, n = self.mean.numel(), self.count
-        return {f"var/{prefix}_var": self.dev.sum() / n / nw,
-                f"var/{prefix}_nvar": (self.dev / (self.sq + NVAR_EPS)).mean(),
-                f"var/{prefix}_logsnr": ((self.sq + SNR_EPS).log()
+        return {C.variance_key(prefix, "var"): self.dev.sum() / n / nw,
+                C.variance_key(prefix, "nvar"): (self.dev / (self.sq + NVAR_EPS)).mean(),
+                C.variance_key(prefix, "logsnr"): ((self.sq + SNR_EPS).log()
                                          - (self.dev + SNR_EPS).log()).mean(),
-                f"var/{prefix}_gnorm": self.sq.sum() / n / nw}
+                C.variance_key(prefix, "gnorm"): self.sq.sum() / n / nw}
 
 
 def _noise_scale(ex_sum: torch.Tensor, ex_sq: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
@@ -219,9 +220,9 @@ def _noise_scale(ex_sum: torch.Tensor, ex_sq: torch.Tensor, n: int) -> dict[str,
     noise = torch.where(trace > 0, trace / grad_sq, torch.zeros_like(trace))
     # The unclamped |G|² estimate is logged too: averaged over many measurements before the
     # ratio is taken (McCandlish et al., App. A), it resolves noise scales above n.
-    return {"var/noise_scale": noise, "var/trace_sigma": trace, "var/grad_sq_norm": grad_sq,
-            "var/grad_sq_unbiased": unbiased,
-            "var/noise_examples": torch.tensor(float(n), dtype=trace.dtype)}
+    return {C.NOISE_SCALE: noise, C.TRACE_SIGMA: trace, C.GRAD_SQ_NORM: grad_sq,
+            C.GRAD_SQ_UNBIASED: unbiased,
+            C.NOISE_EXAMPLES: torch.tensor(float(n), dtype=trace.dtype)}
 
 
 def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:

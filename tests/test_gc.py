@@ -2,18 +2,25 @@
 variance it removes on data with planted gradient clusters."""
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _loop import make_context, run_epochs, trial_resumes_exactly
+from _loop import (
+    assert_same,
+    checkpoint,
+    make_context,
+    reloaded,
+    restore,
+    run_epochs,
+    trial_resumes_exactly,
+)
+from reference import full_gradient, loss_fn, per_example_grads
 from torch import nn
 
 from study.data import DataSplit, UniformSampler
 from study.optim import make_optimizer
-from study.optim.gc_distance import (
+from study.optim.gc.distance import (
     PLANS,
     choose_plan,
     example_factors,
@@ -21,13 +28,9 @@ from study.optim.gc_distance import (
     pooled_factors,
     sq_distances,
 )
-from study.optim.stratified import StratifiedSampler
+from study.optim.gc.stratified import StratifiedSampler
 
 D64 = torch.float64
-
-
-def loss_fn(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 # -- distances ------------------------------------------------------------------------------
@@ -58,17 +61,6 @@ MODELS = {
 }
 
 
-def per_example_matrices(model, module, x, y):
-    """[∇W | ∇b] of each example's own loss as an (O, I) matrix, one example at a time."""
-    out = []
-    for i in range(len(y)):
-        params = [module.weight] + ([module.bias] if module.bias is not None else [])
-        grads = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
-        w = grads[0].reshape(grads[0].shape[0], -1)
-        out.append(torch.cat([w, grads[1][:, None]], 1) if len(grads) == 2 else w)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_distances_equal_explicit_per_example_distances(name, plan):
@@ -79,7 +71,11 @@ def test_distances_equal_explicit_per_example_distances(name, plan):
     modules = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     factors = example_factors(model, loss_fn, x, y, modules)
     for module, f in zip(modules, factors):
-        grads = per_example_matrices(model, module, x, y)          # (B, O, I)
+        params = [module.weight] + ([module.bias] if module.bias is not None else [])
+        per = per_example_grads(model, x, y, params)
+        grads = per[0].flatten(2)                                  # (B, O, I): [∇W | ∇b]
+        if len(per) == 2:
+            grads = torch.cat([grads, per[1][:, :, None]], 2)
         ci = torch.randn(4, grads.shape[2], dtype=D64)
         co = torch.randn(4, grads.shape[1], dtype=D64)
         ci[0], co[0] = f.pooled()[0][2], f.pooled()[1][2]          # a center near example 2
@@ -107,15 +103,6 @@ def planted(sizes=(20, 40, 60, 80), d=10, noise=0.05, seed=0):
     x = means[group] + noise * torch.randn(len(group), d, generator=g, dtype=D64)
     torch.manual_seed(seed)
     return nn.Linear(d, len(sizes)).to(D64), DataSplit(x, group % 4), group
-
-
-def naive_full_gradient(model, split):
-    total = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(len(split)):
-        loss = loss_fn(model(split.x[i:i + 1]), split.y[i:i + 1]).sum()
-        for t, g in zip(total, torch.autograd.grad(loss, list(model.parameters()))):
-            t += g
-    return [t / len(split) for t in total]
 
 
 def clustered(variant="batch", sizes=(2, 4, 6), batch_size=3, nclusters=3, **options):
@@ -151,7 +138,7 @@ def test_stratified_estimator_is_exactly_unbiased_by_enumeration():
     combos = list(itertools.product(*[m.tolist() for m in members]))
     dirs = [opt.direction(train.batch(torch.tensor(c))).tensors for c in combos]
     mean = [torch.stack(ts).mean(0) for ts in zip(*dirs)]
-    for a, b in zip(mean, naive_full_gradient(model, train)):
+    for a, b in zip(mean, full_gradient(model, train)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -175,7 +162,7 @@ def test_sampler_draws_each_example_with_probability_one_over_m_nk():
 
 def test_stratified_direction_mean_matches_full_gradient_statistically():
     model, train, _, opt = clustered(batch_size=5)
-    full = torch.cat([t.flatten() for t in naive_full_gradient(model, train)])
+    full = torch.cat([t.flatten() for t in full_gradient(model, train)])
     dirs = []
     for epoch in range(150):
         for idx in opt.sampler(len(train), 5, torch.Generator().manual_seed(epoch)):
@@ -216,26 +203,18 @@ def test_uniform_with_unit_weights_before_the_first_assignment():
         assert torch.equal(a, b)
 
 
-def state_tensors(opt):
-    flat = []
-    for v in opt.state_dict()["gc"].values():
-        flat += v if isinstance(v, list) else [v]
-    return [copy.deepcopy(t) for t in flat]
-
-
 def test_direction_changes_no_state():
     model, train, _, opt = clustered("online", sizes=(20, 40, 60, 80), batch_size=8,
                                      nclusters=4)
-    before, weights = state_tensors(opt), copy.deepcopy(model.state_dict())
+    before, weights = reloaded(opt.state_dict()["gc"]), reloaded(model.state_dict())
     batch = train.batch(torch.arange(0, 200, 25))
     rng = torch.get_rng_state()
     d1, d2 = opt.direction(batch), opt.direction(batch)
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(a, b) for a, b in zip(d1.tensors, d2.tensors))
     assert d1.grad_evals == 8
-    for a, b in zip(before, state_tensors(opt)):
-        assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert_same(before, opt.state_dict()["gc"], "gc")
+    assert_same(weights, model.state_dict(), "weights")
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -251,18 +230,14 @@ def test_state_dict_round_trip_continues_bit_identically(variant):
 
     model, opt, ctx = fresh()
     run_epochs(opt, ctx, epochs=1)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), ctx.iteration, ctx.epoch))
+    saved = checkpoint(opt, ctx)
     run_epochs(opt, ctx, epochs=2)
-    reference = [p.detach().clone() for p in model.parameters()] + state_tensors(opt)
 
     model2, opt2, ctx2 = fresh()
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(copy.deepcopy(saved[1]))
-    ctx2.iteration, ctx2.epoch = saved[2], saved[3]
+    restore(opt2, ctx2, saved)
     run_epochs(opt2, ctx2, epochs=2)
-    resumed = [p.detach().clone() for p in model2.parameters()] + state_tensors(opt2)
-    for a, b in zip(reference, resumed):
-        assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+    assert_same({"model": model.state_dict(), "gc": opt.state_dict()["gc"]},
+                {"model": model2.state_dict(), "gc": opt2.state_dict()["gc"]})
 
 
 def test_batch_snapshot_cost_counts_pool_and_passes():
@@ -342,5 +317,13 @@ def test_probe_measures_gc_on_its_own_strata():
                           total_iterations=10)
     got = probe.measure(opt, 0)
     assert got["var/dir_var"] < 0.05 * got["var/sgd_var"]
-    full = torch.cat([g.reshape(-1) for g in naive_full_gradient(model, train)])
+    full = torch.cat([g.reshape(-1) for g in full_gradient(model, train)])
     assert got["var/bias"] < 0.1 * float(full.abs().mean())
+
+
+def test_family_registers_once_from_its_package():
+    """study.optim imports the gc package (pkgutil lists it); the one class it registers is
+    the package's."""
+    from study.optim import FAMILIES
+    from study.optim.gc import GC
+    assert FAMILIES["gc"] is GC and GC.__module__ == "study.optim.gc.family"

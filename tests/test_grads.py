@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import loss_fn, per_example_grads, per_example_losses
 from torch import nn
 
 from study.data import Batch
@@ -14,24 +15,6 @@ from study.grads.norm import groupnorm_stats, saved_statistics
 from study.models import MLP, CNN1d, LeNet, ResNet8
 
 TOL = 1e-6
-
-
-def ce(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-def loop_reference(model, loss_fn, x, y, params):
-    """Per-example gradients (B, *shape) per parameter, one backward per example."""
-    per = [[] for _ in params]
-    losses = []
-    for i in range(x.shape[0]):
-        loss = loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum()
-        losses.append(float(loss.detach()))
-        for store, gr in zip(per, torch.autograd.grad(loss, params, allow_unused=True)):
-            store.append(gr if gr is not None else None)
-    per = [torch.stack([g if g is not None else torch.zeros_like(p) for g in gs])
-           for gs, p in zip(per, params)]
-    return per, sum(losses) / len(losses)
 
 
 def rel(a, b):
@@ -53,14 +36,15 @@ def assert_matches(stats: BatchStats, per, loss, params):
         assert float((v - ref_var).abs().max()) <= TOL * float(ref_var.abs().max() + 1e-30)
 
 
-def check(model, x, y, loss_fn=ce, params=None, reduction="none"):
+def check(model, x, y, loss=loss_fn, params=None, reduction="none"):
     model = model.double()
     x = x.double()
     params = params or [p for p in model.parameters() if p.requires_grad]
-    per, loss = loop_reference(model, ce, x, y, params)
-    stats = batch_stats(model, loss_fn, Batch(x, y, torch.arange(len(y))), params,
+    per = per_example_grads(model, x, y, params, loss_fn)
+    ref_loss = float(per_example_losses(model, x, y, loss_fn).mean())
+    stats = batch_stats(model, loss, Batch(x, y, torch.arange(len(y))), params,
                         reduction=reduction)
-    assert_matches(stats, per, loss, params)
+    assert_matches(stats, per, ref_loss, params)
     for p in params:
         assert p.grad is None
     return stats
@@ -161,7 +145,7 @@ def test_groupnorm_through_generic_fallback_agrees():
     a = torch.randn(4, 6, 3, 5, dtype=torch.float64)
     g = torch.randn(4, 6, 3, 5, dtype=torch.float64)
     wanted = [gn.weight, gn.bias]
-    stored = saved_statistics(gn(a), 4, 2)
+    stored = saved_statistics(gn, gn(a), 4)
     assert stored is not None
     recomputed = groupnorm_stats(gn, a, g, wanted, True)          # x̂ recomputed
     saved = groupnorm_stats(gn, a, g, wanted, True, saved=stored)  # forward's mean/rstd
@@ -189,7 +173,7 @@ def test_reduced_loss_is_rescaled(reduction):
     def reduced(logits, y):
         return F.cross_entropy(logits, y, reduction=reduction)
     model = MLP(6, [5], 3)
-    check(model, torch.randn(9, 6), torch.randint(0, 3, (9,)), loss_fn=reduced,
+    check(model, torch.randn(9, 6), torch.randint(0, 3, (9,)), loss=reduced,
           reduction=reduction)
 
 
@@ -228,9 +212,9 @@ def test_conv_plan_prefers_gram_only_for_few_positions_without_second_moment():
 def test_norms_off_and_second_moment_off():
     model = MLP(6, [5], 3)
     batch = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
-    stats = batch_stats(model, ce, batch, norms=False, second_moment=False)
+    stats = batch_stats(model, loss_fn, batch, norms=False, second_moment=False)
     assert stats.norms_sq is None and stats.sum_sq is None
-    full = batch_stats(model, ce, batch)
+    full = batch_stats(model, loss_fn, batch)
     for a, b in zip(stats.sum, full.sum):
         assert torch.equal(a, b)
 
@@ -239,13 +223,13 @@ def test_bad_input_names_the_field():
     model = MLP(6, [5], 3)
     batch = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match="reduction"):
-        batch_stats(model, ce, batch, reduction="avg")
+        batch_stats(model, loss_fn, batch, reduction="avg")
     with pytest.raises(ValueError, match="reduction='none'"):
         batch_stats(model, lambda o, t: F.cross_entropy(o, t), batch)
     with pytest.raises(ValueError, match="params"):
-        batch_stats(model, ce, batch, params=[nn.Parameter(torch.zeros(2))])
+        batch_stats(model, loss_fn, batch, params=[nn.Parameter(torch.zeros(2))])
     with torch.no_grad(), pytest.raises(ValueError, match="no_grad"):
-        batch_stats(model, ce, batch)
+        batch_stats(model, loss_fn, batch)
     inplace = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
     with pytest.raises(ValueError, match="in place"):
-        batch_stats(inplace, ce, batch)
+        batch_stats(inplace, loss_fn, batch)

@@ -3,22 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import loss_fn, per_example_grads
 
 from study.data import Batch
 from study.models import MLP, CNN1d
 from study.optim import make_optimizer
-
-
-def ce(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-def per_example(model, x, y):
-    params = [p for p in model.parameters()]
-    rows = [torch.autograd.grad(ce(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
-            for i in range(len(y))]
-    return [torch.stack(col) for col in zip(*rows)]
 
 
 def reference(variant, g, alpha, eps):
@@ -39,11 +28,11 @@ def test_direction_matches_loop(variant, alpha, default, make, shape):
     torch.manual_seed(1)
     model = make().double()
     x, y = torch.randn(*shape, dtype=torch.float64) * 3, torch.randint(0, 3, (shape[0],))
-    opt = make_optimizer("snr", model, ce, lr=0.1, variant=variant, alpha=alpha)
+    opt = make_optimizer("snr", model, loss_fn, lr=0.1, variant=variant, alpha=alpha)
     assert opt.alpha == default
     d = opt.direction(Batch(x, y, torch.arange(len(y))))
     assert d.grad_evals == len(y)
-    expected = [reference(variant, g, default, 1e-5) for g in per_example(model, x, y)]
+    expected = [reference(variant, g, default, 1e-5) for g in per_example_grads(model, x, y)]
     scaled = 0
     for got, want in zip(d.tensors, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -57,9 +46,9 @@ def test_directions_differ_from_plain_mean():
     torch.manual_seed(2)
     model = MLP(8, [6], 3).double()
     x, y = torch.randn(10, 8, dtype=torch.float64) * 3, torch.randint(0, 3, (10,))
-    opt = make_optimizer("snr", model, ce, lr=0.1, variant="I", alpha=5.0)
+    opt = make_optimizer("snr", model, loss_fn, lr=0.1, variant="I", alpha=5.0)
     d = opt.direction(Batch(x, y, torch.arange(10)))
-    mean = [g.mean(0) for g in per_example(model, x, y)]
+    mean = [g.mean(0) for g in per_example_grads(model, x, y)]
     assert any(not torch.allclose(a, b) for a, b in zip(d.tensors, mean))
 
 
@@ -67,7 +56,7 @@ def test_step_applies_lr_times_direction():
     torch.manual_seed(3)
     model = MLP(8, [6], 3).double()
     x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
-    opt = make_optimizer("snr", model, ce, lr=0.5, variant="II")
+    opt = make_optimizer("snr", model, loss_fn, lr=0.5, variant="II")
     before = [p.detach().clone() for p in model.parameters()]
     d = opt.direction(Batch(x, y, torch.arange(10)))
     opt.step(d)
@@ -79,4 +68,4 @@ def test_step_applies_lr_times_direction():
                                         ({"alpha": "x"}, "alpha"), ({"eps": -1.0}, "eps")])
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(ValueError, match=f"snr.options.{field}"):
-        make_optimizer("snr", MLP(4, [3], 2), ce, lr=0.1, variant="I", **bad)
+        make_optimizer("snr", MLP(4, [3], 2), loss_fn, lr=0.1, variant="I", **bad)

@@ -5,17 +5,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _loop import make_context, run_epochs, trial_resumes_exactly
+from _loop import checkpoint, make_context, restore, run_epochs, trial_resumes_exactly
+from reference import full_gradient, loss_fn
 
 from study.data import DataSplit, UniformSampler
 from study.models import MLP
 from study.optim import make_optimizer
 from study.optim.svrg import ONLY_AT_START
-
-
-def loss_fn(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 def problem(n=24, d=5, classes=3, seed=0, dtype=torch.float64):
@@ -25,17 +21,6 @@ def problem(n=24, d=5, classes=3, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     model = MLP(d, [7], classes).to(dtype)
     return model, DataSplit(x, y)
-
-
-def naive_full_gradient(model, split):
-    """(1/N) Σ_i ∇loss_i, one example at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(len(split)):
-        loss = loss_fn(model(split.x[i:i + 1]), split.y[i:i + 1]).sum()
-        for t, g in zip(total, torch.autograd.grad(loss, params)):
-            t += g
-    return [t / len(split) for t in total]
 
 
 def perturb(model, scale=0.3, seed=1):
@@ -50,7 +35,7 @@ def test_direction_at_snapshot_is_the_full_gradient():
     opt = make_optimizer("svrg", model, loss_fn, lr=0.1)
     ctx = make_context(opt, train, batch_size=4)
     assert opt.take_snapshot(ctx) == len(train)
-    expected = naive_full_gradient(model, train)
+    expected = full_gradient(model, train)
     d = opt.direction(train.batch(torch.tensor([3, 7, 11, 0])))
     assert d.grad_evals == 8
     for a, b in zip(d.tensors, expected):
@@ -62,7 +47,7 @@ def test_direction_is_unbiased_over_an_epoch_partition():
     opt = make_optimizer("svrg", model, loss_fn, lr=0.1)
     opt.take_snapshot(make_context(opt, train, batch_size=6))
     perturb(model)  # w != w_snap: the control variate no longer cancels per batch
-    expected = naive_full_gradient(model, train)
+    expected = full_gradient(model, train)
     batches = list(UniformSampler(len(train), 6, torch.Generator().manual_seed(3)))
     assert sum(len(b) for b in batches) == len(train)
     dirs = [opt.direction(train.batch(idx)).tensors for idx in batches]
@@ -124,15 +109,13 @@ def test_state_dict_round_trip_continues_bit_identically():
 
     model, opt, ctx = fresh()
     run_epochs(opt, ctx, epochs=1)  # 7 steps: the snapshot from iteration 4 is live
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), ctx.iteration, ctx.epoch))
+    saved = checkpoint(opt, ctx)
     run_epochs(opt, ctx, epochs=2)
     reference = [p.detach().clone() for p in model.parameters()]
 
     model2, opt2, ctx2 = fresh()
     perturb(model2)  # make sure loading really overwrites everything
-    model2.load_state_dict(saved[0])
-    opt2.load_state_dict(copy.deepcopy(saved[1]))
-    ctx2.iteration, ctx2.epoch = saved[2], saved[3]
+    restore(opt2, ctx2, saved)
     run_epochs(opt2, ctx2, epochs=2)
     for a, b in zip(reference, model2.parameters()):
         assert torch.equal(a, b)

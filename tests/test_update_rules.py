@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _loop import reloaded
+from reference import loss_fn
 
 from study.data import DataSplit, UniformSampler, epoch_generator
 from study.models import MLP
@@ -16,10 +16,6 @@ from study.optim import make_optimizer
 
 N, FEATURES, CLASSES, BATCH, STEPS = 64, 8, 3, 16, 20
 LR = {"sgd": 0.1, "adam": 0.01}
-
-
-def loss_fn(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +112,6 @@ def test_direction_is_pure(batches):
         assert torch.equal(a, b)
 
 
-def _checkpoint(model, opt) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("family,variant", [("sgd", "momentum"), ("sgd", "nesterov"),
                                             ("adam", "adam")])
 def test_state_dict_round_trip_resumes_bit_identically(batches, family, variant):
@@ -132,10 +122,11 @@ def test_state_dict_round_trip_resumes_bit_identically(batches, family, variant)
     for batch in batches[:half]:
         opt.step(opt.direction(batch))
     opt.lr *= 0.5  # a schedule moved the learning rate: the checkpoint must carry it
-    saved = _checkpoint(model, opt)
+    # through torch.save now, as checkpoints are: training goes on in place
+    saved = reloaded({"model": model.state_dict(), "optimizer": opt.state_dict()})
 
     def restored(load_optimizer_state: bool):
-        state = torch.load(io.BytesIO(saved), weights_only=False)
+        state = copy.deepcopy(saved)
         m = make_model()
         m.load_state_dict(state["model"])
         o = make_optimizer(family, m, loss_fn, LR[family], variant, **opts)

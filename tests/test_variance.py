@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import batch_gradient, loss_fn, per_example_grads
 from torch import nn
 
 from study import variance
@@ -24,11 +24,6 @@ from study.variance import (
 )
 
 SEED = 3
-
-
-
-def loss_fn(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 def make_data(n=48, d=6, classes=3, dtype=torch.float64, seed=0) -> DataSplit:
@@ -66,13 +61,10 @@ def train(opt: Optimizer, data: DataSplit, batch_size: int, epochs: int,
 
 # -- naive float64 references -----------------------------------------------------------------
 
-def per_example_grads(model: nn.Module, params, batch) -> torch.Tensor:
-    """(B, nw): one backward per example."""
-    rows = []
-    for i in range(len(batch)):
-        loss = F.cross_entropy(model(batch.x[i:i + 1]), batch.y[i:i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows).double()
+def flat_per_example(model: nn.Module, params, batch) -> torch.Tensor:
+    """(B, nw) in float64: ``reference.per_example_grads`` (one backward per example)."""
+    grads = per_example_grads(model, batch.x, batch.y, params)
+    return torch.cat([g.flatten(1) for g in grads], 1).double()
 
 
 def naive_var_stats(mean_vecs: list[torch.Tensor], fresh_vecs: list[torch.Tensor]) -> dict:
@@ -123,8 +115,8 @@ def test_statistics_match_naive_float64_reference(family):
     mean_set, fresh_set = probe.estimate_batches(7)
     assert len(mean_set) == len(fresh_set) == 3
     model, params = opt.model, opt.params
-    sgd_mean = [per_example_grads(model, params, b).mean(0) for b in mean_set]
-    fresh_pe = [per_example_grads(model, params, b) for b in fresh_set]
+    sgd_mean = [flat_per_example(model, params, b).mean(0) for b in mean_set]
+    fresh_pe = [flat_per_example(model, params, b) for b in fresh_set]
     sgd = naive_var_stats(sgd_mean, [pe.mean(0) for pe in fresh_pe])
 
     def flat_dir(b):
@@ -156,8 +148,8 @@ def test_mean_set_in_several_union_passes_matches_naive(monkeypatch):
     probe = VarianceProbe(ProbeSettings(every=1, batches=3), data, bs, SEED, 10)
     got = probe.measure(opt, 4)
     mean_set, fresh_set = probe.estimate_batches(4)
-    ref = naive_var_stats([per_example_grads(opt.model, opt.params, b).mean(0) for b in mean_set],
-                          [per_example_grads(opt.model, opt.params, b).mean(0)
+    ref = naive_var_stats([flat_per_example(opt.model, opt.params, b).mean(0) for b in mean_set],
+                          [flat_per_example(opt.model, opt.params, b).mean(0)
                            for b in fresh_set])
     for key in ("var", "nvar", "logsnr", "gnorm"):
         assert got[f"var/sgd_{key}"] == pytest.approx(ref[key], rel=1e-9, abs=1e-14), key
@@ -174,7 +166,7 @@ def test_noise_scale_matches_naive_formula_on_a_cnn_in_float32():
     probe = VarianceProbe(ProbeSettings(every=1, batches=4), data, 5, SEED, 10)
     got = probe.measure(opt, 2)
     _, fresh = probe.estimate_batches(2)
-    ns = naive_noise_scale(torch.cat([per_example_grads(model, opt.params, b) for b in fresh]))
+    ns = naive_noise_scale(torch.cat([flat_per_example(model, opt.params, b) for b in fresh]))
     for key in ("trace_sigma", "grad_sq_norm", "noise_scale"):
         assert got[f"var/{key}"] == pytest.approx(ns[key], rel=1e-4), key
 
@@ -310,7 +302,7 @@ def test_histograms_structure_counts_and_resume():
     names = [n for n, _ in model.named_parameters()]
     assert list(hist["layers"]) == names
     (batch,) = probe.batches(due[1], 2, 1)
-    grads = torch.autograd.grad(loss_fn(model(batch.x), batch.y).mean(), list(model.parameters()))
+    grads = batch_gradient(model, batch.x, batch.y)
     for name, g in zip(names, grads):
         entries = hist["layers"][name]
         assert [e["iteration"] for e in entries] == due[:2]

@@ -5,15 +5,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _loop import make_context
+from reference import batch_gradient, loss_fn
 
 from study.data import DataSplit
 from study.models import MLP
-from study.optim import Context, make_optimizer
-
-
-def ce(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
+from study.optim import make_optimizer
 
 
 def setup(seed=0, n=48):
@@ -22,11 +19,6 @@ def setup(seed=0, n=48):
     x = torch.randn(n, 6, dtype=torch.float64) * 2
     y = torch.randint(0, 3, (n,))
     return model, DataSplit(x, y)
-
-
-def batch_grad(model, batch):
-    """Reference mini-batch gradient (mean loss), computed independently of the optimizer."""
-    return torch.autograd.grad(ce(model(batch.x), batch.y).mean(), list(model.parameters()))
 
 
 def ref_snr(grads):
@@ -48,26 +40,22 @@ def batches(split, size):
 def run_epoch(opt, split, size):
     used = []
     for b in batches(split, size):
-        used.append(batch_grad(opt.model, b))
+        used.append(batch_gradient(opt.model, b.x, b.y))
         d = opt.direction(b)
         opt.step(d)
     return used
 
 
-def context(opt, split):
-    return Context(opt.model, ce, split, 8, 0, 0, torch.Generator())
-
-
 def test_epoch_variant_first_epoch_unscaled_then_snr_damps():
     model, split = setup()
-    opt = make_optimizer("well_tempered", model, ce, lr=0.05, variant="epoch")
+    opt = make_optimizer("well_tempered", model, loss_fn, lr=0.05, variant="epoch")
     b0 = split.batch(torch.arange(8))
-    for got, want in zip(opt.direction(b0).tensors, batch_grad(model, b0)):
+    for got, want in zip(opt.direction(b0).tensors, batch_gradient(model, b0.x, b0.y)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     used = run_epoch(opt, split, 8)
     [work] = opt.periodic()
-    assert (work.kind, work.every, work.unit) == ("snapshot", 1, "epoch")
-    assert work.run(context(opt, split)) == 0
+    assert (work.size, work.every, work.unit) == ("dataset", 1, "epoch")
+    assert work.run(make_context(opt, split, 8)) == 0
     snr = ref_snr(used)
     for got, want in zip(opt.snr, snr):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
@@ -84,30 +72,30 @@ def test_epoch_variant_first_epoch_unscaled_then_snr_damps():
     b = split.batch(torch.arange(8, 16))
     d = opt.direction(b)
     assert opt.count == 0
-    for got, raw, g, s in zip(d.tensors, d.extras["raw"], batch_grad(model, b), snr):
+    for got, raw, g, s in zip(d.tensors, d.extras["raw"], batch_gradient(model, b.x, b.y), snr):
         torch.testing.assert_close(got, torch.where(s < 1, s * g, g), rtol=1e-9, atol=1e-15)
         torch.testing.assert_close(raw, g, rtol=1e-12, atol=0)
 
 
 def test_epoch_variant_accumulates_raw_gradients_not_scaled_ones():
     model, split = setup(1)
-    opt = make_optimizer("well_tempered", model, ce, lr=0.05, variant="epoch")
+    opt = make_optimizer("well_tempered", model, loss_fn, lr=0.05, variant="epoch")
     run_epoch(opt, split, 8)
-    opt.periodic()[0].run(context(opt, split))
+    opt.periodic()[0].run(make_context(opt, split, 8))
     used = run_epoch(opt, split, 8)
-    opt.periodic()[0].run(context(opt, split))
+    opt.periodic()[0].run(make_context(opt, split, 8))
     for got, want in zip(opt.snr, ref_snr(used)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
 
 
 def test_accumulate_variant_updates_every_n_steps():
     model, split = setup(2)
-    opt = make_optimizer("well_tempered", model, ce, lr=0.3, variant="accumulate", n=3)
+    opt = make_optimizer("well_tempered", model, loss_fn, lr=0.3, variant="accumulate", n=3)
     assert opt.periodic() == []
     start = [p.detach().clone() for p in model.parameters()]
     used = []
     for i, b in enumerate(batches(split, 8)[:3]):
-        used.append(batch_grad(model, b))
+        used.append(batch_gradient(model, b.x, b.y))
         d = opt.direction(b)
         for got, want in zip(d.tensors, used[-1]):  # the direction is the mini-batch gradient
             torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
@@ -128,14 +116,15 @@ def test_accumulate_variant_updates_every_n_steps():
 @pytest.mark.parametrize("variant", ["epoch", "accumulate"])
 def test_state_dict_round_trip_continues_bit_identically(variant):
     model, split = setup(3)
-    opt = make_optimizer("well_tempered", model, ce, lr=0.1, variant=variant, n=4, momentum=0.9)
+    opt = make_optimizer("well_tempered", model, loss_fn, lr=0.1, variant=variant, n=4,
+                         momentum=0.9)
     bs = batches(split, 8)
 
     def train(opt, steps):
         for b in steps:
             opt.step(opt.direction(b))
             if variant == "epoch" and b is bs[-1]:
-                opt.periodic()[0].run(context(opt, split))
+                opt.periodic()[0].run(make_context(opt, split, 8))
 
     train(opt, bs + bs[:3])       # one epoch (snr formed) plus a partial window
     saved_model = copy.deepcopy(model.state_dict())
@@ -143,7 +132,7 @@ def test_state_dict_round_trip_continues_bit_identically(variant):
     train(opt, bs[3:] + bs)
     model2, _ = setup(3)
     model2.load_state_dict(saved_model)
-    opt2 = make_optimizer("well_tempered", model2, ce, lr=0.1, variant=variant, n=4,
+    opt2 = make_optimizer("well_tempered", model2, loss_fn, lr=0.1, variant=variant, n=4,
                           momentum=0.9)
     opt2.load_state_dict(saved_opt)
     train(opt2, bs[3:] + bs)
@@ -158,4 +147,4 @@ def test_state_dict_round_trip_continues_bit_identically(variant):
 def test_bad_n_names_the_field(n):
     model, _ = setup()
     with pytest.raises(ValueError, match="well_tempered.options.n"):
-        make_optimizer("well_tempered", model, ce, lr=0.1, variant="accumulate", n=n)
+        make_optimizer("well_tempered", model, loss_fn, lr=0.1, variant="accumulate", n=n)

@@ -6,7 +6,8 @@ second moment needs it materialized: the multiply-adds of the weight-gradient ba
 replaces, plus a square and two reductions. Two ways to materialize it:
 - many channels and positions: one weight-gradient convolution with the batch folded into
   the groups (no unfolded copy of the input);
-- otherwise: unfold + batched matmul, a few examples at a time (see the timings below).
+- otherwise: unfold + batched matmul, a few examples at a time, so the unfolded copy stays
+  in cache (the grouped convolution is slow for few positions or few channels).
 
 Cost estimate that picks the form per layer (multiply-adds, B examples, per group O×K
 weights, T output positions):
@@ -15,37 +16,26 @@ weights, T output positions):
   B·T²·(O+K+1) for the two T×T Gram matrices and their product.
 Gram wins only when T²·(O+K+1) < 2·O·K (few positions, wide layers) and the second moment is
 not wanted; with the second moment (the default) the materialized form is always needed.
-Conv1d is treated as Conv2d with height 1; the unfold is a strided view plus one copy.
+Conv1d is treated as Conv2d with height 1 (``patches.as_conv2d``, ``patches.unfold``).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from study.grads.layer import LayerStats, batch_chunks, positions_stats, record_materialized, wants
+from study.grads.patches import Conv2dGeometry, as_conv2d, unfold
 
-# How the per-example weight gradients are materialized, from timings here (CPU, 1 thread,
-# B=128, ms; the plain weight-gradient in brackets): the batch-folded grouped
-# weight-gradient convolution matches the plain one when there are many output positions
-# (ResNet-8 block 1, 16 channels, T=1024: 4.9 [5.3]; block 2: 3.0-4.1 [2.9-3.5]) but not
-# for few positions or few channels (block 3, 64 ch, T=64: 17.3 [3.4]; LeNet conv1, 1 ch:
-# 3.4 [1.3]); there unfold + batched matmul, a few examples at a time so the unfolded copy
-# stays in cache, is faster (7.5 and 1.4; block 1 would take 19.5).
 GROUPED_MIN_CHANNELS = 8
 GROUPED_MIN_POSITIONS = 128
+"""The batch-folded grouped convolution matches the plain weight gradient only with many
+input channels per group and many output positions; otherwise unfold + batched matmul."""
 UNFOLD_CHUNK = 2 ** 19
 """Elements of unfolded input per batched matmul (2 MiB in float32)."""
 
 
 def _grouped_is_faster(in_per_group: int, positions: int) -> bool:
     return in_per_group >= GROUPED_MIN_CHANNELS and positions >= GROUPED_MIN_POSITIONS
-
-
-def conv_supported(module: nn.Module) -> bool:
-    """Zero padding given as numbers (``padding='same'`` or other modes use the fallback)."""
-    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
 
 
 def conv_plan(batch: int, out_per_group: int, in_per_group: int, positions: int,
@@ -62,14 +52,9 @@ def conv_plan(batch: int, out_per_group: int, in_per_group: int, positions: int,
 def conv_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
                wanted: list[torch.Tensor], norms: bool, second_moment: bool = True,
                plan: str | None = None) -> LayerStats:
+    """Numeric zero padding only (``layer_types.conv_problem``); ``plan`` forces one."""
     out = LayerStats()
-    if isinstance(module, nn.Conv1d):
-        a, g = a.unsqueeze(2), g.unsqueeze(2)
-        kernel, stride = (1, *module.kernel_size), (1, *module.stride)
-        padding, dilation = (0, *module.padding), (1, *module.dilation)
-    else:
-        kernel, stride = module.kernel_size, module.stride
-        padding, dilation = module.padding, module.dilation
+    geometry, (a, g) = as_conv2d(module, a, g)
     batch, cout, groups = g.shape[0], g.shape[1], module.groups
     positions = g.shape[2] * g.shape[3]
     if wants(wanted, module.weight):
@@ -77,13 +62,12 @@ def conv_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
         plan = plan or conv_plan(batch, cout // groups, module.weight[0].numel(), positions,
                                  second_moment)
         if plan == "materialize" and _grouped_is_faster(in_per_group, positions):
-            _grouped(out, module.weight, a, g, kernel, stride, padding, dilation, groups,
-                     norms, second_moment)
+            _grouped(out, module.weight, a, g, geometry, groups, norms, second_moment)
         else:
             gg = g.reshape(batch, groups, cout // groups, positions)
 
             def cols(sl: slice) -> torch.Tensor:                      # (n, groups, K, T)
-                unfolded = _unfold(a[sl], kernel, stride, padding, dilation)
+                unfolded = unfold(a[sl], geometry)
                 return unfolded.view(unfolded.shape[0], groups, -1, positions)
 
             if plan == "materialize":
@@ -101,12 +85,13 @@ def conv_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
     return out
 
 
-def _grouped(out: LayerStats, weight: torch.Tensor, a: torch.Tensor, g: torch.Tensor, kernel,
-             stride, padding, dilation, groups: int, norms: bool, second_moment: bool) -> None:
+def _grouped(out: LayerStats, weight: torch.Tensor, a: torch.Tensor, g: torch.Tensor,
+             geometry: Conv2dGeometry, groups: int, norms: bool, second_moment: bool) -> None:
     """Per-example weight gradients as ONE convolution weight-gradient with the batch folded
     into the groups: input (1, B·Cin, H, W), output gradient (1, B·Cout, H', W'), groups
     B·groups -> (B·Cout, Cin/groups, k...) = the B per-example gradients, by the same
     (oneDNN) kernel as the plain backward, without an unfolded copy of the input."""
+    kernel, stride, padding, dilation = geometry
     batch = a.shape[0]
     parts = []
     for sl in batch_chunks(batch, weight.numel()):
@@ -119,20 +104,6 @@ def _grouped(out: LayerStats, weight: torch.Tensor, a: torch.Tensor, g: torch.Te
         parts.append(per.view(n, -1))
     per = parts[0] if len(parts) == 1 else torch.cat(parts)
     record_materialized(out, weight, per, norms, second_moment)
-
-
-def _unfold(a: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
-    """F.unfold's (B, C·kh·kw, T) layout, built as one strided view of the padded input and
-    one copy (about twice as fast as F.unfold's im2col on CPU here)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    if ph or pw:
-        a = F.pad(a, (pw, pw, ph, ph))
-    batch, channels, height, width = a.shape
-    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
-    s_b, s_c, s_h, s_w = a.stride()
-    view = a.as_strided((batch, channels, kh, kw, out_h, out_w),
-                        (s_b, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), a.storage_offset())
-    return view.reshape(batch, channels * kh * kw, out_h * out_w)
 
 
 def _gram(out: LayerStats, weight: torch.Tensor, g: torch.Tensor, cols: torch.Tensor,

@@ -8,28 +8,23 @@ input ``a`` (recorded by ``study.grads.capture``) and that output gradient ``g``
 weight-gradient sum therefore costs what the plain backward would have spent on it, and
 the statistics add only their own products (Linear: one more matmul of the weight's size).
 
-Handlers, one module per layer type (BackPACK style): ``linear`` (factorized), ``conv``
-(unfold + batched matmul), ``norm`` (GroupNorm, closed form), ``fallback`` (torch.func on
-that module alone: LayerNorm, embeddings, custom layers).
+Handlers, one module per layer type (BackPACK style), looked up in ``layer_types.LAYERS``:
+``linear`` (factorized), ``conv`` (unfold + batched matmul), ``norm`` (GroupNorm, closed
+form), ``fallback`` (torch.func on that module alone: LayerNorm, embeddings, custom layers).
 Examples must be independent through the network (no train-mode BatchNorm), and each
 parameterized module must run once per forward (no weight sharing across calls).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
-from study.grads.capture import capture
-from study.grads.conv import conv_stats, conv_supported
-from study.grads.fallback import fallback_stats
-from study.grads.layer import LayerStats
-from study.grads.linear import linear_stats
-from study.grads.norm import groupnorm_stats, saved_statistics
+from study.grads.capture import Capture, capture
+from study.grads.layer_types import stats_kind
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -80,26 +75,25 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
     params = [p for p in model.parameters() if p.requires_grad] if params is None \
         else list(params)
     owners = _owners(model, params)
-    with capture(model, list(owners), backward=False) as cap, _outputs(list(owners)) as outs:
+    with capture(model, list(owners), output_grads=False, keep_outputs=True) as cap:
         raw = loss_fn(model(x), y)
     n = x.shape[0]
     total, loss = _total(raw, reduction, n)
 
-    live = [m for m in owners if m in outs.tensors]
-    for m in live:
-        outs.check(m)
-    saved = {m: saved_statistics(outs.tensors[m], n, m.num_groups) for m in live
-             if isinstance(m, nn.GroupNorm)}   # read before the backward frees them
-    grads = torch.autograd.grad(total, [outs.tensors[m] for m in live], allow_unused=True)
+    live = _live_outputs(cap, owners)
+    kinds = {m: stats_kind(m) for m in live}
+    saved = {m: kinds[m].forward_saved(m, cap.records[m].output, n) for m in live
+             if kinds[m].forward_saved is not None}   # read before the backward frees them
+    grads = torch.autograd.grad(total, [cap.records[m].output for m in live], allow_unused=True)
     results: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
     norms_sq = None
     with torch.no_grad():
         for m, g in zip(live, grads):
             if g is None:
                 continue
-            handler = _handler(m)
-            if handler is groupnorm_stats:
-                handler = partial(groupnorm_stats, saved=saved[m])
+            handler = kinds[m].stats
+            if m in saved:
+                handler = partial(handler, saved=saved[m])
             layer = handler(m, cap.records[m].a, g, owners[m], norms, second_moment)
             for p in owners[m]:
                 results[p] = (layer.sums[p], layer.sum_sqs.get(p))
@@ -111,16 +105,6 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
     sum_sq = [results[p][1] if p in results else torch.zeros_like(p) for p in params] \
         if second_moment else None
     return BatchStats(loss, n, sums, sum_sq, norms_sq if norms else None)
-
-
-def _handler(module: nn.Module) -> Callable[..., LayerStats]:
-    if isinstance(module, nn.Linear):
-        return linear_stats
-    if conv_supported(module):
-        return conv_stats
-    if isinstance(module, nn.GroupNorm):
-        return groupnorm_stats
-    return fallback_stats
 
 
 def _owners(model: nn.Module, params: list[torch.Tensor]) -> dict[nn.Module, list[torch.Tensor]]:
@@ -158,40 +142,20 @@ def _total(raw: torch.Tensor, reduction: str, n: int) -> tuple[torch.Tensor, flo
     return (raw * n, value) if reduction == "mean" else (raw, value / n)
 
 
-class _Outputs:
-    """Each module's output tensor (the autograd input we differentiate with respect to)."""
-
-    def __init__(self):
-        self.tensors: dict[nn.Module, torch.Tensor] = {}
-        self.versions: dict[nn.Module, int] = {}
-        self.calls: dict[nn.Module, int] = {}
-
-    def check(self, m: nn.Module) -> None:
+def _live_outputs(cap: Capture, owners) -> list[nn.Module]:
+    """The owners whose output depends on the parameters: the tensors to differentiate
+    with respect to. Each must come from one call and be unchanged since."""
+    live = []
+    for m in owners:
+        rec = cap.records[m]
+        if rec.output is None or not rec.output.requires_grad:
+            continue
         name = type(m).__name__
-        if self.calls[m] != 1:
-            raise NotImplementedError(f"batch_stats: {name} ran {self.calls[m]} times in one "
+        if rec.calls != 1:
+            raise NotImplementedError(f"batch_stats: {name} ran {rec.calls} times in one "
                                       "forward; per-example statistics need one call")
-        if self.tensors[m]._version != self.versions[m]:
+        if rec.modified_in_place():
             raise ValueError(f"batch_stats: the output of {name} was modified in place "
                              "(e.g. ReLU(inplace=True)); use out-of-place operations")
-
-
-@contextmanager
-def _outputs(modules: list[nn.Module]) -> Iterator[_Outputs]:
-    rec = _Outputs()
-
-    def hook(module, inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise NotImplementedError(f"batch_stats: {type(module).__name__} returns "
-                                      f"{type(output).__name__}, not one tensor")
-        rec.calls[module] = rec.calls.get(module, 0) + 1
-        if output.requires_grad:
-            rec.tensors[module] = output
-            rec.versions[module] = output._version
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        yield rec
-    finally:
-        for h in handles:
-            h.remove()
+        live.append(m)
+    return live

@@ -73,9 +73,13 @@ class Periodic:
     checked before each step, so ``at iteration 0`` is included) or the number of finished
     epochs (``unit='epoch'``, checked at the end of each epoch). ``run`` returns its cost in
     gradient evaluations (examples through a backward pass; a forward-only pass counts 0).
+    ``size`` says how big one run is, for reports and benchmarks: about one mini-batch
+    (``"minibatch"``: K-FAC's factors, a GC EM step) or about the training set, done rarely
+    (``"dataset"``: SVRG's full gradient, GC's re-clustering, an epoch-end summary, K-FAC's
+    eigendecompositions).
     """
 
-    kind: Literal["frequent", "snapshot"]
+    size: Literal["minibatch", "dataset"]
     every: int
     unit: Literal["iter", "epoch"]
     run: Callable[[Context], int]

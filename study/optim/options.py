@@ -7,6 +7,8 @@ typed attributes (``self.opts.damping``). A bad value is one ``OptionError`` nam
 """
 from __future__ import annotations
 
+import types
+import typing
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,10 +61,31 @@ def parse_options(cls: type[FamilyOptions], family: str, variant: str,
     return options
 
 
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
 def describe(cls: type[FamilyOptions]) -> dict[str, str]:
-    """Option -> 'default (constraint)', for listings."""
+    """Option -> 'type = default (constraints)', for ``python -m study families``."""
     out = {}
     for name, info in cls.model_fields.items():
-        limits = " ".join(str(m) for m in info.metadata)
-        out[name] = f"{info.default!r}" + (f" ({limits})" if limits else "")
+        kind, metadata = _type_text(info.annotation)
+        limits = [f"{sign} {getattr(m, k)}" for m in [*info.metadata, *metadata]
+                  for k, sign in _BOUNDS.items() if getattr(m, k, None) is not None]
+        out[name] = f"{kind} = {info.default!r}" + (f" ({', '.join(limits)})" if limits else "")
     return out
+
+
+def _type_text(annotation) -> tuple[str, list]:
+    """('float or None', constraints inside) for an annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args), []
+    if origin is typing.Annotated:
+        text, inner = _type_text(args[0])
+        metadata = [m for a in args[1:] for m in getattr(a, "metadata", [a])]  # Field(gt=0)
+        return text, [*metadata, *inner]
+    if origin in (typing.Union, types.UnionType):
+        parts = [_type_text(a) for a in args]
+        return " or ".join(t for t, _ in parts), [m for _, ms in parts for m in ms]
+    return ("None" if annotation is type(None) else getattr(annotation, "__name__",
+                                                             str(annotation))), []

@@ -1,5 +1,6 @@
 """Optimizer families by name. A family registers itself with ``@register``: the built-in
-families are the modules of ``study/optim/`` (importing the package imports each of them);
+families are the modules and packages of ``study/optim/`` (importing the package imports
+each of them);
 any other family is a plugin, a module or ``.py`` file a spec names under ``plugins:``
 (``study/plugins.py``; README, "Adding a family")."""
 from __future__ import annotations

@@ -45,9 +45,9 @@ def snapshot_periodics(every: int, unit: str, run, bootstrap) -> list[Periodic]:
 
     ``bootstrap(ctx)`` runs at iteration 0 when ``unit='epoch'`` (epoch periodics only run at
     epoch ends); it should return 0 when there is nothing to do."""
-    periodics = [Periodic("snapshot", int(every), unit, run)]
+    periodics = [Periodic("dataset", int(every), unit, run)]
     if unit == "epoch":
-        periodics.insert(0, Periodic("snapshot", ONLY_AT_START, "iter", bootstrap))
+        periodics.insert(0, Periodic("dataset", ONLY_AT_START, "iter", bootstrap))
     return periodics
 
 

@@ -87,7 +87,7 @@ class WellTempered(Optimizer):
     def periodic(self) -> list[Periodic]:
         if self.variant != "epoch":
             return []
-        return [Periodic("snapshot", 1, "epoch", self._end_epoch)]
+        return [Periodic("dataset", 1, "epoch", self._end_epoch)]
 
     def _end_epoch(self, ctx) -> int:
         """Form the snr for the next epoch from this epoch's gradients (no new gradients)."""

@@ -1,5 +1,5 @@
 """Stratified sampling over clusters and its importance weights (Faghri et al.,
-``data.py:GlusterSampler`` and ``estim/gluster.py``).
+fartashf/gvar_code: ``data.py`` ``GlusterSampler`` and ``estim/gluster.py``).
 
 The sampler takes one example per non-empty cluster in turn, visiting the M clusters in a
 fresh random order each cycle; each cluster serves its examples from its own shuffled cycle.

@@ -2,15 +2,12 @@
 of per-example gradients, with importance weights that keep the estimate unbiased.
 
 Clusters live in gradient space with one rank-1 center ``Co ⊗ Ci`` per Linear/Conv layer
-(``gc_distance``); other layers' parameters are not clustered. Assignment minimizes the
+(``distance.py``); other layers' parameters are not clustered. Assignment minimizes the
 *weighted* cost ``(N_k + 1)·||g_i − c_k||²`` (Faghri's default ``mul_Nk``): the variance of
 the stratified estimator is ``(1/N²) Σ_k N_k Σ_{i∈k} ||g_i − c_k||²``. In full passes N_k is
 the running count of the pass (updated every max(``ASSIGN_STEP``, N/(4·C)) examples); in
 online EM steps it is the EMA size, which starts at the fair share B/C. Centers are the cluster
 means of the factors (``Factors.pooled``).
-On MNIST-1D (480 examples, MLP 40-16-10, C = 32, B = 32) the weighted assignment gave
-GC/SGD direction-variance ratios 0.61–0.70 over three epochs (online variant 0.78–0.80);
-plain k-means 0.89–1.06.
 
 Variants
 - ``batch``: every ``snapshot_every`` epochs, ``citers`` passes over the training set
@@ -39,18 +36,20 @@ from typing import Any
 import torch
 
 from study.data import Batch, UniformSampler
-from study.grads.capture import SUPPORTED, layers_with_params
-from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
-from study.optim.gc_distance import (
-    Record,
-    check_supported,
-    distances_and_pooled,
-    layer_records,
-    pooled_factors,
+from study.grads.layer_types import (
+    Requirements,
+    kronecker_layers,
+    kronecker_type_names,
+    unsupported,
 )
+from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
+from study.optim.gc.distance import Record, distances_and_pooled, layer_records, pooled_factors
+from study.optim.gc.stratified import StratifiedSampler, cluster_counts, importance_weights
 from study.optim.options import Count, Fraction, NonNegative, NonNegativeCount, StepOptions
 from study.optim.registry import register
-from study.optim.stratified import StratifiedSampler, cluster_counts, importance_weights
+
+NEEDS = Requirements(ungrouped=True)
+"""One rank-1 center per layer covers one ``[W|b]`` matrix, so no grouped convolutions."""
 
 CLUSTER_PASS_BATCH = 512
 """Examples per chunk in clustering passes (memory bound, not semantics)."""
@@ -93,11 +92,12 @@ class GC(Optimizer):
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
         self.nclusters = self.opts.nclusters
-        self.modules = [m for m in layers_with_params(model) if isinstance(m, SUPPORTED)]
+        self.modules = kronecker_layers(model)
         if not self.modules:
-            raise ValueError("gc: the model has no Linear/Conv1d/Conv2d layer to cluster")
+            raise ValueError(f"gc: the model has no {kronecker_type_names()} layer to cluster")
         for m in self.modules:
-            check_supported(m)
+            if unsupported(m, NEEDS) is not None:
+                raise ValueError(f"gc: {m} needs groups=1 and numeric zero padding")
         dev = self.params[0].device
         self.ci: list[torch.Tensor] | None = None   # per layer (C, I): input factors
         self.co: list[torch.Tensor] | None = None   # per layer (C, O): output factors
@@ -112,11 +112,11 @@ class GC(Optimizer):
     def periodic(self) -> list[Periodic]:
         o = self.opts
         if self.variant == "batch":
-            return [Periodic("snapshot", o.snapshot_every, "epoch", self.batch_snapshot)]
-        work = [Periodic("frequent", o.online_every, "iter", self.em_step),
-                Periodic("snapshot", o.snapshot_every, "epoch", self.assignment_snapshot)]
+            return [Periodic("dataset", o.snapshot_every, "epoch", self.batch_snapshot)]
+        work = [Periodic("minibatch", o.online_every, "iter", self.em_step),
+                Periodic("dataset", o.snapshot_every, "epoch", self.assignment_snapshot)]
         if o.reinit_every:
-            work.insert(1, Periodic("frequent", o.reinit_every, "iter", self.reinit))
+            work.insert(1, Periodic("minibatch", o.reinit_every, "iter", self.reinit))
         return work
 
     # -- the estimator ------------------------------------------------------------------------
@@ -154,7 +154,8 @@ class GC(Optimizer):
         distance, and the pooled factors. With a ``step``, ``sizes`` are the counts so far
         in a pass and grow every ``step`` examples (Faghri's batch pass accumulates them
         too): weighting a whole pass by the previous pass's sizes moves whole clusters
-        into the emptiest one at once and oscillates (measured on MNIST-1D)."""
+        into the emptiest one at once and oscillates (``tests/test_gc.py``,
+        ``test_full_passes_keep_every_cluster_in_use``)."""
         dist, pooled = distances_and_pooled(records, self.ci, self.co)
         running = step is not None
         step = step or dist.shape[0]

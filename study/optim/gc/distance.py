@@ -1,12 +1,13 @@
 """Squared distances between per-example gradients and rank-1 cluster centers (Faghri et al.,
-``gluster/layer.py``), per Linear / Conv1d / Conv2d layer.
+fartashf/gvar_code, ``gluster/layer.py``), per layer with Kronecker factors (Linear / Conv).
 
-Every supported layer's per-example gradient is a sum over positions t of outer products,
-``g_i = Σ_t go_it ⊗ a_it`` (Linear: one position; Conv: the unfolded input patches), where
-``a`` is the layer input and ``go`` the gradient of the example's own loss (not divided by
-the batch size) at the layer output. The bias is folded in as an appended constant 1 in
-``a``: ``[W | b]``'s gradient is ``Σ_t go_t ⊗ [a_t, 1]`` exactly, so one rank-1 center
-``Co ⊗ Ci`` per layer covers weight and bias together (Faghri's code leaves the bias out).
+Every such layer's per-example gradient is a sum over positions t of outer products,
+``g_i = Σ_t go_it ⊗ a_it`` (Linear: one position; Conv: the unfolded input patches; both
+from ``study.grads.layer_types``), where ``a`` is the layer input and ``go`` the gradient of
+the example's own loss (not divided by the batch size) at the layer output. The bias is
+folded in as an appended constant 1 in ``a``: ``[W | b]``'s gradient is
+``Σ_t go_t ⊗ [a_t, 1]`` exactly, so one rank-1 center ``Co ⊗ Ci`` per layer covers weight
+and bias together (Faghri's code leaves the bias out).
 
     ||g_i − Co⊗Ci||² = GG_i + ||Ci||²·||Co||² − 2·CG_ic,
     CG_ic = Σ_t (Ci·a_it)(Co·go_it),        GG_i = Σ_{s,t} (a_is·a_it)(go_is·go_it).
@@ -22,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from study.grads.capture import capture
 from study.grads.layer import batch_chunks
+from study.grads.layer_types import input_factor, output_factor
 
 PLANS = ("factored", "materialize", "mixed")
 
@@ -44,34 +46,10 @@ class Factors:
         return self.a.mean(2), self.g.sum(2)
 
 
-def check_supported(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        return
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        raise TypeError(f"gc: unsupported layer {type(module).__name__}")
-    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-        raise ValueError(f"gc: {module} needs groups=1 and numeric zero padding")
-
-
 def layer_factors(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> Factors:
     """Factors of a captured layer (input ``a``, output gradient ``g``)."""
-    batch = a.shape[0]
-    if isinstance(module, nn.Linear):
-        a = a.reshape(batch, -1, a.shape[-1]).transpose(1, 2)
-        g = g.reshape(batch, -1, g.shape[-1]).transpose(1, 2)
-    else:
-        check_supported(module)
-        kernel, stride, padding, dilation = (module.kernel_size, module.stride,
-                                             module.padding, module.dilation)
-        if isinstance(module, nn.Conv1d):
-            a, g = a.unsqueeze(2), g.unsqueeze(2)
-            kernel, stride = (1, *kernel), (1, *stride)
-            padding, dilation = (0, *padding), (1, *dilation)
-        a = unfold(a, kernel, stride, padding, dilation)                            # (B, I, T)
-        g = g.reshape(batch, g.shape[1], -1)                                         # (B, O, T)
-    if module.bias is not None:
-        a = torch.cat([a, a.new_ones(batch, 1, a.shape[2])], dim=1)
-    return Factors(a, g)
+    return Factors(input_factor(module, a, ones=module.bias is not None),
+                   output_factor(module, g))
 
 
 Record = tuple[nn.Module, torch.Tensor, torch.Tensor]
@@ -83,33 +61,14 @@ def layer_records(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
     backward of Σ_i loss_i (per-example losses, so each example's factors belong to its own,
     unscaled loss). The backward asks for the gradients of the layer outputs only, so no
     weight gradient is computed."""
-    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(module, inputs, output):
-        if module in seen:
-            raise ValueError(f"gc: {module} is called more than once per forward")
-        seen[module] = (inputs[0].detach(), output)
-
-    handles = [m.register_forward_hook(record) for m in modules]
-    try:
-        with torch.enable_grad():
-            losses = loss_fn(model(x), y)
-    finally:
-        for h in handles:
-            h.remove()
-    grads = torch.autograd.grad(losses.sum(), [seen[m][1] for m in modules])
-    return [(m, seen[m][0], g) for m, g in zip(modules, grads)]
-
-
-def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
-    """``F.unfold`` (B, C·kh·kw, H'·W'). Without dilation it is built from strided views and
-    one copy: the CPU ``im2col`` loops over examples (measured ~30% of a Conv1d pass)."""
-    if tuple(dilation) != (1, 1):
-        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    patches = x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])
-    b, c, h, w = patches.shape[:4]                 # (B, C, H', W', kh, kw)
-    return patches.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kernel[0] * kernel[1], h * w)
+    with capture(model, modules, output_grads=False, keep_outputs=True) as cap, \
+            torch.enable_grad():
+        losses = loss_fn(model(x), y)
+    for rec in cap:
+        if rec.calls > 1:
+            raise ValueError(f"gc: {rec.module} is called more than once per forward")
+    grads = torch.autograd.grad(losses.sum(), [rec.output for rec in cap])
+    return [(rec.module, rec.a, g) for rec, g in zip(cap, grads)]
 
 
 def example_factors(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,

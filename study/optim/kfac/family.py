@@ -1,5 +1,5 @@
-"""K-FAC (Martens & Grosse 2015) as Faghri et al. ran it: alecwangcq's KFAC-Pytorch on the
-family interface.
+"""K-FAC (Martens & Grosse 2015) as Faghri et al. ran it: alecwangcq/KFAC-Pytorch
+(``optimizers/kfac.py``) on the family interface.
 
 - *frequent* work (every ``t_cov`` iterations, one mini-batch backward): the Kronecker
   factors A and G of every Linear/Conv1d/Conv2d layer from the **true** Fisher (labels
@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from study.grads.capture import SUPPORTED, capture, layers_with_params
+from study.grads.capture import capture
+from study.grads.layer_types import Requirements, kronecker_layers, unsupported
 from study.optim.base import Context, Direction, Optimizer, Periodic, gradient
-from study.optim.kfac_factors import (
+from study.optim.kfac.factors import (
     Eigenbasis,
     a_statistic,
     g_statistic,
-    kfac_supported,
     running_average,
     sample_labels,
 )
@@ -36,8 +37,17 @@ from study.optim.options import Count, Fraction, Momentum, Positive, StepOptions
 from study.optim.registry import register
 from study.optim.update import SGDRule
 
+NEEDS = Requirements(ungrouped=True, all_trainable=True)
+"""K-FAC preconditions each layer's whole ``[W|b]`` matrix: one per layer (no groups), every
+part of it trained. Other layers keep the plain gradient."""
+
 WEIGHT_DECAY_DELAY = 20
 """Weight decay applies after this many ``t_cov`` periods (the reference's ``20·TCov``)."""
+
+
+def kfac_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers K-FAC preconditions, in ``model.parameters()`` order."""
+    return [m for m in kronecker_layers(model) if unsupported(m, NEEDS) is None]
 
 
 class KFACOptions(StepOptions):
@@ -57,8 +67,7 @@ class KFAC(Optimizer):
 
     def __init__(self, model, loss_fn, lr, variant=None, **options):
         super().__init__(model, loss_fn, lr, variant, **options)
-        self.layers = [m for m in layers_with_params(model)
-                       if isinstance(m, SUPPORTED) and kfac_supported(m)]
+        self.layers = kfac_layers(model)
         position = {id(p): i for i, p in enumerate(self.params)}
         self.slots = [(position[id(m.weight)],
                        position[id(m.bias)] if m.bias is not None else None)
@@ -101,8 +110,8 @@ class KFAC(Optimizer):
 
     # -- scheduled work --------------------------------------------------------------------
     def periodic(self) -> list[Periodic]:
-        return [Periodic("frequent", self.opts.t_cov, "iter", self.update_factors),
-                Periodic("snapshot", self.opts.t_inv, "iter", self.update_inverses)]
+        return [Periodic("minibatch", self.opts.t_cov, "iter", self.update_factors),
+                Periodic("dataset", self.opts.t_inv, "iter", self.update_inverses)]
 
     def update_factors(self, ctx: Context) -> int:
         """One backward of the sampled-label loss on a random mini-batch; cost B."""
@@ -121,7 +130,8 @@ class KFAC(Optimizer):
                 self.a_factors[i] = running_average(
                     self.a_factors[i], a_statistic(layer, rec.a), self.opts.stat_decay)
                 self.g_factors[i] = running_average(
-                    self.g_factors[i], g_statistic(rec.g, len(batch)), self.opts.stat_decay)
+                    self.g_factors[i], g_statistic(layer, rec.g, len(batch)),
+                    self.opts.stat_decay)
         self.factor_updates += 1
         return len(batch)
 

@@ -1,84 +1,44 @@
 """K-FAC's Kronecker factors and the eigenbasis preconditioner, as pure functions.
 
-Follows alecwangcq's KFAC-Pytorch, which Faghri et al. adapted (branch ``ntk`` of
-gvar_code): for a layer with input ``a`` and per-example output gradient ``g``,
-``A = E[ã ãᵀ]`` (ã = a with a 1 appended for the bias) and ``G = E[g gᵀ]``. Convolutions use
-the unfolded patches, with the reference's spatial scaling (patches divided by the number of
-output positions T; output gradients multiplied by T), so ``A ⊗ G`` has the same scale as a
-Linear layer's. The natural gradient of the ``[W|b]`` matrix M solves
-``G V A + damping·V = M``, i.e. ``V = Q_g[(Q_gᵀ M Q_a) / (d_g d_aᵀ + damping)]Q_aᵀ``.
+Follows alecwangcq/KFAC-Pytorch (``optimizers/kfac.py``, ``utils/kfac_utils.py``), which
+Faghri et al. adapted (fartashf/gvar_code, branch ``ntk``): for a layer with input ``a`` and
+per-example output gradient ``g``, ``A = E[ã ãᵀ]`` (ã = a with a 1 appended for the bias)
+and ``G = E[g gᵀ]``. Convolutions use the unfolded patches, with the reference's spatial
+scaling (patches divided by the number of output positions T; output gradients multiplied
+by T), so ``A ⊗ G`` has the same scale as a Linear layer's. The natural gradient of the
+``[W|b]`` matrix M solves ``G V A + damping·V = M``, i.e.
+``V = Q_g[(Q_gᵀ M Q_a) / (d_g d_aᵀ + damping)]Q_aᵀ``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from study.grads.layer_types import input_factor, output_factor
 
 EIGEN_FLOOR = 1e-10
 """Eigenvalues below this are zeroed, as in the reference (round-off makes them negative)."""
 
 
-def kfac_supported(module: nn.Module) -> bool:
-    """Linear, and ungrouped zero-padded Conv1d/Conv2d with numeric padding, whose
-    parameters all train (other layers keep the plain gradient)."""
-    if not all(p.requires_grad for p in module.parameters(recurse=False)):
-        return False
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
-
-
-def patches(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The rows ã that multiply the ``[W|b]`` matrix: (B·T, d_in [+1]), and T.
-
-    Linear: T = 1 and the rows are the inputs. Conv: the unfolded receptive fields, in the
-    (channel, kernel position) order of ``weight.view(out, -1)``.
-    """
-    bias = module.bias is not None
-    if isinstance(module, nn.Linear):
-        a = a.reshape(-1, a.shape[-1])
-        rows = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if bias else a
-        return rows, 1
-    if isinstance(module, nn.Conv1d):
-        a = a.unsqueeze(2)
-        (kh, kw), (dh, dw), (sh, sw) = [(1, *getattr(module, n))
-                                        for n in ("kernel_size", "dilation", "stride")]
-        ph, pw = 0, module.padding[0]
-    else:
-        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-        ph, pw = module.padding
-    # Strided windows and one copy (F.unfold's CPU im2col loops over the batch).
-    x = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
-    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-    windows = windows[..., ::dh, ::dw].permute(0, 2, 3, 1, 4, 5)    # (B, Ho, Wo, C, kh, kw)
-    batch, height, width, d_in = *windows.shape[:3], math.prod(windows.shape[3:])
-    rows = a.new_empty(batch, height, width, d_in + bias)
-    rows[..., :d_in].view(windows.shape).copy_(windows)
-    if bias:
-        rows[..., d_in] = 1
-    return rows.view(-1, d_in + bias), height * width
-
-
 def a_statistic(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(rows, scale) with A = scale·rowsᵀrows = Σ ã ãᵀ / (B·T²) (T = 1 for Linear): the
-    reference divides conv patches by T before the product."""
-    rows, positions = patches(module, a)
-    return rows, 1.0 / (a.shape[0] * positions ** 2)
+    """(rows, scale) with A = scale·rowsᵀrows = Σ ã ãᵀ / (B·T²) (T = 1 for a 2-D Linear
+    input): the reference divides conv patches by T before the product. The rows ã multiply
+    the ``[W|b]`` matrix: (B·T, d_in [+1]), in the (channel, kernel position) order of
+    ``weight.view(out, -1)``."""
+    patches = input_factor(module, a, ones=module.bias is not None, channels_last=True)
+    positions = patches.shape[1]
+    return patches.reshape(-1, patches.shape[2]), 1.0 / (a.shape[0] * positions ** 2)
 
 
-def g_statistic(g: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float]:
+def g_statistic(module: nn.Module, g: torch.Tensor, batch_size: int
+                ) -> tuple[torch.Tensor, float]:
     """(rows, scale) with G = scale·rowsᵀrows = T·Σ g_n g_nᵀ / B, for ``g`` the gradient of
     the *mean* loss (so the per-example output gradient is g_n = B·g; the reference scales
-    conv output gradients by T). ``g`` is (B, d_out) or (B, d_out, *positions)."""
-    if g.dim() == 2:
-        return g, float(batch_size)
-    positions = g[0, 0].numel()
-    rows = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-    return rows, float(batch_size * positions)
+    conv output gradients by T). Rows: (B·T, d_out)."""
+    grads = output_factor(module, g, channels_last=True)
+    return grads.reshape(-1, grads.shape[2]), float(batch_size * grads.shape[1])
 
 
 def covariance_a(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -86,8 +46,8 @@ def covariance_a(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return rows.t() @ rows * scale
 
 
-def covariance_g(g: torch.Tensor, batch_size: int) -> torch.Tensor:
-    rows, scale = g_statistic(g, batch_size)
+def covariance_g(module: nn.Module, g: torch.Tensor, batch_size: int) -> torch.Tensor:
+    rows, scale = g_statistic(module, g, batch_size)
     return rows.t() @ rows * scale
 
 
@@ -156,11 +116,6 @@ class Eigenbasis:
         if not self.has_bias:
             return v.view(weight_shape), None
         return v[:, :-1].view(weight_shape), v[:, -1]
-
-    def precondition(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(V_W, V_b) for the gradient of ``[W|b]``, without the KL clip."""
-        return self.unrotate(self.rotate(weight_grad, bias_grad)[0], weight_grad.shape)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"q_g": self.q_g.clone(), "q_a": self.q_a.clone(), "d_g": self.d_g.clone(),

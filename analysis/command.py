@@ -1,0 +1,47 @@
+"""The one ``report`` command: its options and what it does. ``python -m study report``
+(what ``make report`` runs) and ``python -m analysis report`` are both this."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from analysis.tables import SELECTIONS
+from study import contract as C
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, help="study name (= MLflow experiment name)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--results", default=None, help="Ray Tune results folder (no MLflow)")
+    parser.add_argument("--out", default=None, help="report folder (default reports/<study>)")
+    parser.add_argument("--select", default=C.VAL_ACCURACY, choices=sorted(SELECTIONS),
+                        help="metric that picks the best LR (train_loss: min, as sngrad)")
+    parser.add_argument("--parent-run-id", default=None,
+                        help="sweep to report (default the latest)")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="tuneability tolerance in accuracy units (0.01 = 1 point)")
+    parser.add_argument("--target-fraction", type=float, default=0.9,
+                        help="cost-to-target goal as a fraction of the best accuracy reached")
+    parser.add_argument("--no-mlflow-log", action="store_true",
+                        help="do not log the report folder to the parent run")
+
+
+def run_report(args: argparse.Namespace) -> Path:
+    """Write the report, print the best setting per family and the report's path."""
+    from analysis.report import make_report
+    from analysis.summary import best_per_family, format_best
+
+    tracking_uri = args.tracking_uri
+    if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith(
+            "sqlite:////"):   # relative to where the command runs
+        tracking_uri = "sqlite:///" + str(Path.cwd() / tracking_uri[len("sqlite:///"):])
+    out = make_report(args.study, tracking_uri=tracking_uri, results_dir=args.results,
+                      out_dir=args.out, select=args.select, log_to_mlflow=not args.no_mlflow_log,
+                      parent_run_id=args.parent_run_id, tolerance=args.tolerance,
+                      target_fraction=args.target_fraction)
+    best = best_per_family(out)
+    if not best.empty:
+        print(format_best(best))
+    print(f"report: {out / 'index.html'}")
+    return out

@@ -1,0 +1,173 @@
+"""The sections of a study spec (``dataset:``, ``models:``, ``families:``, ``search:``, ...)
+as pydantic models; ``study.spec.Spec`` puts them together and checks them against each
+other."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from study import contract
+from study.data import DATASETS
+from study.models import MODELS
+from study.spec_values import (
+    Problem,
+    log_range_values,
+    parse_lr,
+)
+from study.variance import ProbeSettings
+
+# Training-set sizes before any validation split, used to check batch sizes without loading.
+TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
+INPUT_SHAPES = {"mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+                "cifar10": (3, 32, 32)}
+MNIST1D_TRAIN_FRACTION = 0.8
+
+
+def _one_of(value: str, choices, what: str) -> str:
+    if value not in choices:
+        raise Problem(f"unknown {what} {value!r}; choose from {list(choices)}")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogRange(Strict):
+    """``{low: 1e-4, high: 1, num: 9}``: ``num`` log-spaced values from low to high."""
+
+    low: PositiveFloat
+    high: PositiveFloat
+    num: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise Problem(f"must be >= low ({self.low}) (got {self.high})", "high")
+        return self
+
+    def values(self) -> list[float]:
+        return log_range_values(self.low, self.high, self.num)
+
+
+# Written as a number (``0.1`` = ``[0.1]``), a list of numbers or ``{low, high, num}``;
+# ``parse_lr`` checks and normalizes it first, so each mistake gets one message.
+LRGrid = list[PositiveFloat] | LogRange
+
+
+def grid_values(values: LRGrid) -> list[float]:
+    return values.values() if isinstance(values, LogRange) else list(values)
+
+
+def grid_size(values: LRGrid) -> int:
+    return values.num if isinstance(values, LogRange) else len(values)
+
+
+class DatasetSpec(Strict):
+    name: str
+    size: PositiveInt | None = None          # MNIST-1D: examples generated; others: train cap
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    label_noise: float = Field(0.0, ge=0, le=1)
+    root: str = "data"
+    download: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        return _one_of(v, DATASETS, "dataset")
+
+    def train_size(self) -> int:
+        if self.name == "mnist1d":
+            n = int((self.size or 5000) * MNIST1D_TRAIN_FRACTION)
+        else:
+            n = min(self.size or TRAIN_SIZES[self.name], TRAIN_SIZES[self.name])
+        return n - int(round(n * self.val_fraction))
+
+
+class ModelSpec(Strict):
+    name: str
+    widths: list[PositiveInt] | None = None
+    channels: list[PositiveInt] | None = None
+    norm: Literal["group", "none"] | None = None  # resnet8 only; default group
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        return _one_of(v, MODELS, "model")
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+
+class FamilySpec(Strict):
+    variants: list[str] | None = Field(None, min_length=1)
+    lr: LRGrid | None = None                  # overrides the study-wide lr grid
+    options: dict[str, Any] = {}              # option -> value or list of values (a grid)
+
+    _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: parse_lr(v)))
+
+    def num_arms(self) -> int:
+        """Variants (the family's first when none is named) × option combinations, counted."""
+        n = len(self.variants) if self.variants else 1
+        for value in self.options.values():
+            n *= len(value) if isinstance(value, list) else 1
+        return n
+
+
+class SearchSpec(Strict):
+    kind: Literal["grid", "optuna"] = "grid"
+    num_samples: PositiveInt = 20
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    max_trials: PositiveInt = 10_000          # refuse studies with more trials than this
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, v):
+        if v not in contract.EPOCH_METRICS:
+            raise Problem(f"unknown metric {v!r}; a trial reports: "
+                          + ", ".join(contract.EPOCH_METRICS))
+        return v
+
+
+class SchedulerSpec(Strict):
+    kind: Literal["none", "asha"] = "none"
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class ResourcesSpec(Strict):
+    cpu: PositiveFloat = 1.0
+    gpu: float = Field(0.0, ge=0, le=1)       # a fraction of one GPU per trial
+    max_concurrent: PositiveInt | None = None
+
+
+class MeasureSpec(Strict):
+    """Gradient-variance measurement (Faghri's get_Ege_var) on its own batches."""
+
+    every: int = Field(100, ge=0)             # iterations between measurements; 0 = off
+    batches: PositiveInt = 5                  # mini-batches per estimate (gviter)
+    start: int = Field(0, ge=0)               # first iteration measured
+    histograms: bool = True                   # per-layer |gradient| histograms
+    histogram_points: PositiveInt = 8         # log-spaced iterations with a histogram
+
+    def settings(self) -> ProbeSettings | None:
+        """The probe's own settings; None when it would measure nothing."""
+        if self.every == 0 and not self.histograms:
+            return None
+        return ProbeSettings(**self.model_dump())
+
+
+class TrackingSpec(Strict):
+    uri: str = "sqlite:///mlflow.db"
