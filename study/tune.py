@@ -116,7 +116,7 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
         tuner = _tuner(spec, store, uri, exp_id, parent)
         with _quiet_ray_hints(), _own_sigint():
             tuner.fit()
-        out.interrupted = _unfinished(store.study_uri) > 0
+        out.interrupted = _unfinished(store.study_uri, spec.num_trials()) > 0
     except BaseException:
         mark_interrupted(uri, exp_id, parent)
         finish_parent(uri, parent, "KILLED")
@@ -280,14 +280,17 @@ class Storage:
             self.fs.move(self.path, f"{self.path}.{stamp}")
 
 
-def _unfinished(study_uri: str) -> int:
-    """Trials the saved experiment state still lists as to be run. (After Ctrl-C, Tune's
-    in-memory results call every trial terminated; the state it saved for resuming does not.)"""
+def _unfinished(study_uri: str, expected: int) -> int:
+    """Trials still to run according to the experiment state Tune saved: those not ended,
+    plus those the search has not created yet (Optuna creates trials one by one, so a sweep
+    stopped between two of them has no unfinished trial in the state). (After Ctrl-C, Tune's
+    in-memory results call every trial terminated; the saved state does not.)"""
     from ray.tune import ExperimentAnalysis
 
     with _quiet_ray_hints():
         trials = ExperimentAnalysis(study_uri).trials
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    not_ended = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return not_ended + max(0, expected - len(trials))
 
 
 def _pythonpath(spec: Spec) -> str:

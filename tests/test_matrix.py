@@ -137,16 +137,20 @@ def test_optuna_asha_sweep_interrupted_and_resumed(tmp_path, short_tmp):
     assert proc.returncode == 130, out[-4000:]
     assert "Tuner.restore" not in out and "run the same command again" in out, out[-4000:]
 
-    # Observed after the driver has stopped: nothing can change the store any more.
+    # Observed after the driver has stopped: nothing can change the store any more. (The
+    # trial seen mid-way may have finished before the signal landed: what each child says is
+    # judged by its own epochs, not by what the poll saw.)
     (parent, status), = store.parents(name)
     assert status == "KILLED"
     before = store.children(parent)
+    assert len(before) < TRIALS or any(c["status"] == "interrupted" for c in before.values())
     assert store.running() == 0, "an interrupted sweep leaves nothing RUNNING"
-    assert "interrupted" in {c["status"] for c in before.values()}
     for child in before.values():
         assert child["status"] in {"finished", "stopped", "diverged", "interrupted"}, child
         if child["status"] == "interrupted":
-            assert child["mlflow_status"] == "KILLED"
+            assert child["mlflow_status"] == "KILLED" and child["epoch"] < 4, child
+        if child["epoch"] < 4 and child["status"] not in ("stopped", "diverged"):
+            assert child["status"] == "interrupted", child
     settled = {r: (c["status"], store.history(r, "epoch")) for r, c in before.items()
                if c["status"] != "interrupted"}
 
