@@ -147,8 +147,8 @@ def test_optuna_asha_sweep_interrupted_and_resumed(tmp_path, short_tmp):
     assert store.running() == 0, "an interrupted sweep leaves nothing RUNNING"
     for child in before.values():
         assert child["status"] in {"finished", "stopped", "diverged", "interrupted"}, child
-        if child["status"] == "interrupted":
-            assert child["mlflow_status"] == "KILLED" and child["epoch"] < 4, child
+        if child["status"] == "interrupted":   # (all epochs logged but not yet ended: too)
+            assert child["mlflow_status"] == "KILLED", child
         if child["epoch"] < 4 and child["status"] not in ("stopped", "diverged"):
             assert child["status"] == "interrupted", child
     settled = {r: (c["status"], store.history(r, "epoch")) for r, c in before.items()
