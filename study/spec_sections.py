@@ -23,6 +23,7 @@ from study.spec_values import (
     log_range_values,
     parse_lr,
 )
+from study.shadows import parse_estimators
 from study.variance import ProbeSettings
 
 # Training-set sizes before any validation split, used to check batch sizes without loading.
@@ -76,7 +77,8 @@ class DatasetSpec(Strict):
     name: str
     size: PositiveInt | None = None          # MNIST-1D: examples generated; others: train cap
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    label_noise: float = Field(0.0, ge=0, le=1)
+    label_noise: float = Field(0.0, ge=0, le=1)       # fraction of training labels randomized
+    test_label_noise: float = Field(0.0, ge=0, le=1)  # fraction of test labels randomized
     root: str = "data"
     download: bool = False
 
@@ -154,19 +156,52 @@ class ResourcesSpec(Strict):
 
 
 class MeasureSpec(Strict):
-    """Gradient-variance measurement (Faghri's get_Ege_var) on its own batches."""
+    """Gradient-variance measurement (Faghri's get_Ege_var) on its own batches.
 
-    every: int = Field(100, ge=0)             # iterations between measurements; 0 = off
+    When: ``points`` measurements per trial spread over its training (``spacing``: linear,
+    or log = denser early), so every batch size gets the same number; or, instead, one
+    every ``every`` iterations (exclusive with points). Neither set: 8 points, linear."""
+
+    points: int | None = Field(None, ge=0)    # measurements per trial; 0 = off
+    spacing: Literal["linear", "log"] | None = None   # how points spread; default linear
+    every: int | None = Field(None, ge=0)     # or: iterations between measurements; 0 = off
     batches: PositiveInt = 5                  # mini-batches per estimate (gviter)
     start: int = Field(0, ge=0)               # first iteration measured
     histograms: bool = True                   # per-layer |gradient| histograms
     histogram_points: PositiveInt = 8         # log-spaced iterations with a histogram
+    # other families' directions measured along this trajectory (Faghri et al.'s design):
+    # "sgd_2b", "svrg", "gc" or {name, family, variant, options, batch_scale}; study.shadows
+    estimators: list[str | dict[str, Any]] = []
+
+    @field_validator("estimators")
+    @classmethod
+    def _estimators(cls, entries):
+        try:
+            parse_estimators(entries)
+        except ValueError as err:
+            field, _, message = str(err).partition(": ")
+            raise Problem(message, field.removeprefix("estimators")) from None
+        return entries
+
+    @model_validator(mode="after")
+    def _one_schedule(self):
+        if self.every is not None and self.points is not None:
+            raise Problem("set either points (measurements per trial) or every (iterations "
+                          f"between measurements), not both (got every={self.every}, "
+                          f"points={self.points})", "every")
+        if self.spacing is not None and self.every is not None:
+            raise Problem("spacing spreads measure.points; it does not apply with every "
+                          f"(got spacing={self.spacing!r}, every={self.every})", "spacing")
+        return self
 
     def settings(self) -> ProbeSettings | None:
         """The probe's own settings; None when it would measure nothing."""
-        if self.every == 0 and not self.histograms:
+        out = ProbeSettings(**self.model_dump(exclude={"spacing", "estimators"}),
+                            spacing=self.spacing or "linear",
+                            estimators=parse_estimators(self.estimators))
+        if not out.measures and not self.histograms:
             return None
-        return ProbeSettings(**self.model_dump())
+        return out
 
 
 class TrackingSpec(Strict):

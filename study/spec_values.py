@@ -200,7 +200,7 @@ def format_errors(err: ValidationError, source: str) -> str:
             got = ""                                  # the message shows the value itself
         else:
             got = "" if isinstance(value, dict) and value else f" (got {shown(value)})"
-        field = ".".join(loc)
+        field = ".".join(loc).replace(".[", "[")    # estimators[2], not estimators.[2]
         lines.append(f"{source}: {field}: {one_line(msg)}{got}" if field
                      else f"{source}: {one_line(msg)}{got}")
     return "\n".join(dict.fromkeys(lines))

@@ -29,6 +29,7 @@ from study.models import build_model
 from study.optim import Context, make_optimizer
 from study.plugins import import_plugins
 from study.spec import DatasetSpec, Spec
+from study.shadows import Shadow
 from study.variance import VarianceProbe
 
 DIVERGENCE_FACTOR = 10.0     # a batch loss this many times the initial loss ends the trial
@@ -46,10 +47,17 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def load_splits(dataset: DatasetSpec, device: str | torch.device = "cpu"
                 ) -> tuple[DataSplit, DataSplit | None, DataSplit]:
     """(train, validation or None, test). The validation split is the same for every trial
-    of a study: a fixed permutation, independent of the trial's seed."""
+    of a study: a fixed permutation, independent of the trial's seed.
+
+    Labels: ``label_noise`` corrupts the training labels *before* the validation split is
+    carved out of them, so each validation label is exactly the (possibly corrupted) training
+    label of the example drawn (about the same fraction corrupted); ``test_label_noise`` the test
+    labels alone, on their own seed stream. Both use seed 0: every trial of a study sees the
+    same labels.
+    """
     d = dataset
     train, test = load_dataset(d.name, d.root, d.size, d.label_noise, seed=0, download=d.download,
-                               device=device)
+                               device=device, test_label_noise=d.test_label_noise)
     n_val = int(round(len(train) * d.val_fraction))
     if n_val == 0:
         return train, None, test
@@ -83,7 +91,8 @@ class Progress:
     iteration: int = 0                # steps taken
     grad_evals: int = 0               # examples through a backward (steps + scheduled work)
     time_s: float = 0.0               # training seconds (steps + scheduled work)
-    measure_s: float = 0.0            # variance-probe seconds (not training)
+    measure_s: float = 0.0            # variance-probe seconds (not training), shadows' work too
+    shadow_grad_evals: int = 0        # the shadow estimators' own scheduled work (not training)
     initial_loss: float | None = None  # the training loss before the first step
     diverged: bool = False
 
@@ -109,6 +118,9 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
     probe = (None if config.measure is None else
              VarianceProbe(config.measure, train, bs, seed, config.epochs * (len(train) // bs)))
     periodic = opt.periodic()
+    shadows = ([] if probe is None else
+               [Shadow(e, i, model, loss_fn, config.lr, train, bs, seed)
+                for i, e in enumerate(config.measure.estimators)])
 
     c = Progress()
     if state is not None:
@@ -116,6 +128,8 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         opt.load_state_dict(state["optimizer"])
         if probe is not None and state.get("probe") is not None:
             probe.load_state_dict(state["probe"])
+        for shadow, saved in zip(shadows, state.get("shadows") or []):
+            shadow.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
         c = Progress(**state["counters"])
     if c.initial_loss is None:
@@ -126,13 +140,16 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         generator = epoch_generator(seed, c.epoch)
         ctx = Context(model, loss_fn, train, bs, c.iteration, c.epoch,
                       epoch_generator(seed, c.epoch, PERIODIC_STREAM))
+        for shadow in shadows:
+            shadow.begin_epoch(c.epoch, c.iteration)
         losses = []
         for idx in opt.sampler(len(train), bs, generator):
             t0 = time.perf_counter()
             c.grad_evals += scheduled_work(periodic, ctx, c.iteration)
             c.time_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            probe_step(probe, opt, c.iteration, log)
+            c.shadow_grad_evals += sum(shadow.work(c.iteration) for shadow in shadows)
+            probe_step(probe, opt, c.iteration, log, shadows)
             c.measure_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             d = opt.direction(train.batch(idx))
@@ -149,10 +166,14 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
             t0 = time.perf_counter()
             c.grad_evals += scheduled_work(periodic, ctx, c.epoch, "epoch")
             c.time_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            c.shadow_grad_evals += sum(shadow.work(c.epoch, "epoch") for shadow in shadows)
+            c.measure_s += time.perf_counter() - t0
         metrics = _epoch_metrics(model, opt, (train, val, test), c, losses)
         log(metrics, c.iteration)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "probe": probe.state_dict() if probe is not None else None,
+                 "shadows": [shadow.state_dict() for shadow in shadows],
                  "rng": torch.get_rng_state(), "counters": asdict(c)}
         report({**metrics, "histograms": probe.histograms() if probe is not None else None},
                state)
@@ -169,14 +190,15 @@ def scheduled_work(periodic: list, ctx: Context, counter: int, unit: str = "iter
     return sum(work.run(ctx) for work in periodic if work.due(unit, counter))
 
 
-def probe_step(probe, opt, iteration: int, log: LogFn | None = None) -> int:
-    """The variance probe's work at ``iteration`` (after the scheduled work: a direction may
-    need it, e.g. SVRG's first snapshot). Returns how many things it recorded."""
+def probe_step(probe, opt, iteration: int, log: LogFn | None = None, shadows: list = ()) -> int:
+    """The variance probe's work at ``iteration`` (after the scheduled work, the shadows' too:
+    a direction may need it, e.g. SVRG's first snapshot). Returns how many things it
+    recorded."""
     if probe is None:
         return 0
     done = 0
     if probe.due(iteration):
-        metrics = probe.measure(opt, iteration)
+        metrics = probe.measure(opt, iteration, shadows)
         if log is not None:
             log(metrics, iteration)
         done += 1
@@ -191,6 +213,7 @@ def _epoch_metrics(model, opt, splits, c: Progress, losses) -> dict[str, Any]:
     metrics: dict[str, Any] = {C.EPOCH: c.epoch, C.ITERATION: c.iteration,
                                C.GRAD_EVALS: c.grad_evals, C.TIME_S: c.time_s,
                                C.MEASURE_S: c.measure_s, C.LR: opt.lr,
+                               C.SHADOW_GRAD_EVALS: c.shadow_grad_evals,
                                C.DIVERGED_FLAG: int(c.diverged),
                                C.TRAIN_BATCH_LOSS: float(np.mean(losses)) if losses else math.nan}
     for name, split in zip(("train", "val", "test"), splits):
@@ -267,7 +290,8 @@ def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
     of the settings that generate / select it (same settings, same examples)."""
     import hashlib
 
-    digest = hashlib.sha256(dataset.model_dump_json().encode()).hexdigest()[:10]
+    unset = {"test_label_noise"} if not dataset.test_label_noise else set()  # digests as before
+    digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
     size = f"-{dataset.size}" if dataset.size else ""
     return {"name": f"{dataset.name}{size}", "digest": digest,
             "source": str(Path(dataset.root).resolve() / dataset.name)}

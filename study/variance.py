@@ -5,25 +5,45 @@ Why a probe of its own: the statistics must describe the trajectory training tak
 changing it. Every batch comes from generators seeded by (seed, iteration, stream >= 1)
 (training draws from stream 0, scheduled work from its own stream), the global torch RNG is
 saved and restored around each measurement (dropout in train mode would otherwise shift
-training's randomness), the optimizer is only asked for ``direction`` (pure, never ``step``)
-and nothing is written to ``p.grad``.
+training's randomness), the optimizer is only asked for ``direction`` and
+``update_direction`` (pure, never ``step``) and nothing is written to ``p.grad``.
 
-Estimates, with n = ``measure.batches`` and nw = number of parameters (gvar_code
-``estim/gestim.py``):
+Which examples, with n = ``measure.batches``, B the trial's batch size and M the training
+set's size:
 
-- ``Ege`` = mean of n directions on n batches; then on n FRESH batches g_1..g_n:
+- the MEAN set: n batches of a uniform without-replacement sampler (consecutive epochs when
+  n·B > M), from a stream of its own (``MEAN_STREAM``);
+- the FRESH set: N = n·B DISTINCT examples, one without-replacement draw of the training set
+  split into n batches (``FRESH_STREAM``, independent of the mean set, so ``Ege`` is
+  independent of the fresh gradients); when N > M it cannot be distinct and is N i.i.d.
+  draws with replacement instead;
+- a family that samples its own way (GC's strata) has its directions measured on 2n
+  consecutive batches of ITS sampler (``OWN_SAMPLER_STREAM``: n for its ``Ege``, n fresh):
+  GC's importance weights are unbiased only on its stratified batches. The plain-gradient
+  statistics and the noise scale always use the uniform mean and fresh sets above.
+
+Estimates, with nw = number of parameters (gvar_code ``estim/gestim.py``):
+
+- ``Ege`` = mean of n directions on the mean set; then on the n fresh batches g_1..g_n:
   ``var`` = Σ_i ||g_i − Ege||² / n / nw, ``nvar`` = mean_j D_j / (S_j + 1e-7),
   ``logsnr`` = mean_j [log(S_j + 1e-10) − log(D_j + 1e-10)], ``gnorm`` = Σ_j S_j / n / nw,
   where S_j = Σ_i g_ij² and D_j = Σ_i (g_ij − Ege_j)² (the epsilons are gvar_code's).
-- both for the family's direction (``dir_*``) and for the plain mini-batch gradient at the
+- both for the update the trial applies (``dir_*``: ``opt.update_direction`` of its
+  direction, i.e. through momentum, Adam's moments, a well-tempered window; gvar_code's
+  ``estim/heavyball.py``, ``estim/adam.py``) and for the plain mini-batch gradient at the
   same weights on the same batches (``sgd_*``; common batches make ``bias`` =
-  mean_j |Ege_dir − Ege_sgd| exactly 0 for a family whose direction is the gradient).
-- B_simple = tr(Σ) / |G|² from the per-example gradients of the N = n·B fresh examples:
-  tr(Σ) = Σ_j per-example variance with Bessel's correction N/(N−1) (so it is unbiased
-  for i.i.d. examples), |G|² = |Ḡ|² − tr(Σ)/N (unbiased: E|Ḡ|² = |G|² + tr(Σ)/N). When noise
-  swamps the mean, that estimate can be ≤ 0; it is clamped at tr(Σ)/N, so the noise scale
-  saturates at N (the probe cannot resolve a noise scale beyond the examples it averaged)
-  and ``noise_scale = trace_sigma / grad_sq_norm`` always holds for the logged values.
+  mean_j |Ege_dir − Ege_sgd| exactly 0 for a family that steps along the gradient);
+- and for each shadow estimator (``study.shadows``) its direction on 2n batches of its own
+  sampler at its own batch size (``<name>_*``).
+- B_simple = tr(Σ) / |G|² from the per-example gradients of the fresh set, with the
+  finite-population correction (``study.noise_scale``).
+
+When: ``measure.points`` measurements per trial, spread over its iterations (``spacing:
+linear`` = evenly, the same fractions of training at every batch size; ``log`` = denser
+early, like the histograms' ``log_spaced_iterations``), or, as the alternative,
+``measure.every`` iterations (a batch-512 trial then gets 16× fewer than a batch-32 one).
+Either schedule is a pure function of the trial's total iterations, so a resumed trial
+measures exactly where an uninterrupted one would.
 
 Cost per measurement: the mean set's plain gradient in union passes (one backward per
 ⌊1024/B⌋ batches), one ``batch_stats`` backward per fresh batch (it yields both the
@@ -34,7 +54,7 @@ statistics reuse the gradient computations.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +64,17 @@ import torch
 from study import contract as C
 from study.data import Batch, DataSplit, UniformSampler, epoch_generator
 from study.grads import batch_stats
+from study.noise_scale import noise_scale
 from study.optim.base import Optimizer, gradient
+from study.shadows import EstimatorSettings, Shadow
 
-ESTIMATE_STREAM = 1     # the mean set and the fresh set (2n batches, one generator)
-OWN_SAMPLER_STREAM = 3  # the same for a family that samples its own way (GC's strata)
+MEAN_STREAM = 1         # the mean set (n batches of a uniform sampler)
 HISTOGRAM_STREAM = 2    # the probe batch of a histogram
+OWN_SAMPLER_STREAM = 3  # a family's own sampler: its mean and fresh direction batches (2n)
+FRESH_STREAM = 4        # the fresh set (n·B distinct examples; i.i.d. when n·B > M)
+SHADOW_PROBE_STREAM = 10  # + i: the i-th shadow estimator's measurement batches
+SPACINGS = ("linear", "log")
+DEFAULT_POINTS = 8      # measurements per trial when neither points nor every is set
 UNION_EXAMPLES = 1024  # memory bound of the mean set's union passes (examples per pass)
 NVAR_EPS, SNR_EPS = 1e-7, 1e-10
 # Fixed histogram edges in log10 |g|: 4 bins per decade over [1e-12, 1e2].
@@ -59,11 +85,28 @@ LOG10_LOW, LOG10_HIGH, BINS_PER_DECADE = -12, 2, 4
 class ProbeSettings:
     """When and how much the probe measures (the spec's ``measure:`` checks the values)."""
 
-    every: int = 100                  # iterations between measurements; 0 = off
+    every: int | None = None          # iterations between measurements; 0 = off
     batches: int = 5                  # mini-batches per estimate (Faghri's gviter)
     start: int = 0                    # first iteration measured
     histograms: bool = True           # per-layer |gradient| histograms
     histogram_points: int = 8         # log-spaced iterations with a histogram
+    points: int | None = None         # measurements per trial (exclusive with every); 0 = off
+    spacing: str = "linear"           # how points spread over the trial: linear | log
+    estimators: tuple[EstimatorSettings, ...] = ()   # shadow estimators (study.shadows)
+
+    def __post_init__(self):
+        if self.every is not None and self.points is not None:
+            raise ValueError(f"measure.points: set points ({self.points}) or every "
+                             f"({self.every}), not both")
+        if self.every is None and self.points is None:
+            object.__setattr__(self, "points", DEFAULT_POINTS)
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"measure.spacing: {self.spacing!r} is not one of {list(SPACINGS)}")
+
+    @property
+    def measures(self) -> bool:
+        """Whether any variance measurement is scheduled."""
+        return bool(self.points or self.every)
 
 
 class VarianceProbe:
@@ -79,7 +122,7 @@ class VarianceProbe:
                              "(the training set's size)")
         if total_iterations < 1:
             raise ValueError(f"total_iterations: {total_iterations} must be >= 1")
-        if measure.every and measure.batches * batch_size < 2:
+        if measure.measures and measure.batches * batch_size < 2:
             raise ValueError("measure.batches: the noise scale needs at least 2 examples "
                              f"(batches × batch_size = {measure.batches * batch_size})")
         self.settings, self.train, self.batch_size, self.seed = measure, train, batch_size, seed
@@ -87,50 +130,79 @@ class VarianceProbe:
         self.histogram_iterations = (log_spaced_iterations(total_iterations,
                                                            measure.histogram_points)
                                      if measure.histograms else [])
+        self.measure_iterations = (
+            None if not measure.points else
+            measurement_iterations(total_iterations, measure.points, measure.spacing,
+                                   measure.start))
         self._hist: dict[str, list[dict[str, Any]]] = {}
         self._hist_done: list[int] = []
 
     # -- schedule ---------------------------------------------------------------------------
     def due(self, iteration: int) -> bool:
+        if self.measure_iterations is not None:
+            return iteration in self.measure_iterations
         every, start = self.settings.every, self.settings.start
-        return every > 0 and iteration >= start and (iteration - start) % every == 0
+        return bool(every) and iteration >= start and (iteration - start) % every == 0
 
     def histogram_due(self, iteration: int) -> bool:
         return iteration in self.histogram_iterations and iteration not in self._hist_done
 
     # -- batches ----------------------------------------------------------------------------
-    def batches(self, iteration: int, stream: int, count: int, sampler=UniformSampler
-                ) -> list[Batch]:
-        """``count`` batches of the probe's stream at ``iteration``: consecutive epochs of
-        ``sampler`` (uniform without replacement, as training samples by default),
-        continued when one runs out."""
+    def batches(self, iteration: int, stream: int, count: int, sampler=UniformSampler,
+                batch_size: int | None = None) -> list[Batch]:
+        """``count`` batches (of the trial's batch size unless given) of the probe's stream at
+        ``iteration``: consecutive epochs of ``sampler`` (uniform without replacement, as
+        training samples by default), continued when one runs out."""
         generator = epoch_generator(self.seed, iteration, stream)
         out: list[Batch] = []
         while len(out) < count:
-            for idx in sampler(len(self.train), self.batch_size, generator):
+            for idx in sampler(len(self.train), batch_size or self.batch_size, generator):
                 out.append(self.train.batch(idx))
                 if len(out) == count:
                     break
         return out
 
-    def estimate_batches(self, iteration: int, sampler=UniformSampler, stream=ESTIMATE_STREAM
+    def fresh_batches(self, iteration: int) -> list[Batch]:
+        """The fresh set: N = n·B distinct examples (one without-replacement draw of the
+        training set, split into n batches); N i.i.d. draws when N exceeds the set."""
+        n, size, total = self.settings.batches, self.batch_size, len(self.train)
+        generator = epoch_generator(self.seed, iteration, FRESH_STREAM)
+        if self.fresh_with_replacement:
+            idx = torch.randint(total, (n * size,), generator=generator)
+        else:
+            idx = torch.randperm(total, generator=generator)[:n * size]
+        return [self.train.batch(idx[i * size:(i + 1) * size]) for i in range(n)]
+
+    @property
+    def fresh_with_replacement(self) -> bool:
+        return self.settings.batches * self.batch_size > len(self.train)
+
+    def estimate_batches(self, iteration: int, sampler=None, stream=OWN_SAMPLER_STREAM
                          ) -> tuple[list[Batch], list[Batch]]:
-        """(mean set, fresh set) of ``measure.batches`` batches each."""
+        """(mean set, fresh set) of ``measure.batches`` batches each: by default the uniform
+        mean set and the distinct fresh set (module docstring); with ``sampler``, 2n
+        consecutive batches of that sampler on ``stream`` (a family's own sampling)."""
         n = self.settings.batches
+        if sampler is None:
+            return self.batches(iteration, MEAN_STREAM, n), self.fresh_batches(iteration)
         both = self.batches(iteration, stream, 2 * n, sampler)
         return both[:n], both[n:]
 
     # -- measurement ------------------------------------------------------------------------
-    def measure(self, opt: Optimizer, iteration: int) -> dict[str, float]:
-        """The ``var/*`` metrics at the current weights (see the module docstring)."""
+    def measure(self, opt: Optimizer, iteration: int, shadows: Sequence[Shadow] = ()
+                ) -> dict[str, float]:
+        """The ``var/*`` metrics at the current weights (see the module docstring), with
+        ``var/<name>_*`` for each shadow estimator."""
         mean_set, fresh_set = self.estimate_batches(iteration)
-        plain = type(opt).direction is Optimizer.direction
+        plain = type(opt).direction is Optimizer.direction and opt.steps_along_direction()
+
+        def step_of(batch: Batch) -> torch.Tensor:   # the update the rule would apply
+            return _flat(opt.update_direction(opt.direction(batch)), acc)
         # A family's direction is measured on the batches its own sampler draws (GC's
         # importance weights are unbiased only on its stratified batches).
         dir_mean_set, dir_fresh_set = mean_set, fresh_set
         if type(opt).sampler is not Optimizer.sampler:
-            dir_mean_set, dir_fresh_set = self.estimate_batches(iteration, opt.sampler,
-                                                                OWN_SAMPLER_STREAM)
+            dir_mean_set, dir_fresh_set = self.estimate_batches(iteration, opt.sampler)
         model, loss_fn, params = opt.model, opt.loss_fn, opt.params
         with _isolated():
             acc = _acc_dtype(params[0])
@@ -139,8 +211,7 @@ class VarianceProbe:
             if plain:
                 dir_ = sgd
             else:
-                dir_ = _Moments(_mean_of(_flat(opt.direction(b).tensors, acc)
-                                         for b in dir_mean_set))
+                dir_ = _Moments(_mean_of(step_of(b) for b in dir_mean_set))
             ex_sum = torch.zeros_like(sgd_mean)
             ex_sq = torch.zeros((), dtype=acc, device=sgd_mean.device)
             n_examples = 0
@@ -152,13 +223,29 @@ class VarianceProbe:
                 n_examples += st.n
                 sgd.add(total / st.n)
                 if not plain:
-                    dir_.add(_flat(opt.direction(d).tensors, acc))
+                    dir_.add(step_of(d))
             out = {**dir_.summary(C.DIRECTION), **sgd.summary(C.SGD_GRADIENT),
                    C.VAR_BIAS: (dir_.mean - sgd.mean).abs().mean(),
-                   **_noise_scale(ex_sum, ex_sq, n_examples)}
+                   **noise_scale(ex_sum, ex_sq, n_examples,
+                                  None if self.fresh_with_replacement else len(self.train))}
+            for index, shadow in enumerate(shadows):
+                out.update(self._shadow_moments(shadow, index, iteration, acc)
+                           .summary(shadow.name))
             values = torch.stack([torch.as_tensor(v, dtype=acc, device=sgd_mean.device)
                                   for v in out.values()]).tolist()   # one device sync
         return dict(zip(out, values))
+
+    def _shadow_moments(self, shadow: Shadow, index: int, iteration: int, acc: torch.dtype
+                        ) -> _Moments:
+        """A shadow's directions on 2n consecutive batches of its own sampler at its own batch
+        size (n for its Ege, n fresh), on a stream of its own."""
+        n, opt = self.settings.batches, shadow.opt
+        both = self.batches(iteration, SHADOW_PROBE_STREAM + index, 2 * n, opt.sampler,
+                            shadow.batch_size)
+        moments = _Moments(_mean_of(_flat(opt.direction(b).tensors, acc) for b in both[:n]))
+        for b in both[n:]:
+            moments.add(_flat(opt.direction(b).tensors, acc))
+        return moments
 
     # -- histograms -------------------------------------------------------------------------
     def record_histogram(self, opt: Optimizer, iteration: int) -> None:
@@ -211,20 +298,6 @@ class _Moments:
                 C.variance_key(prefix, "gnorm"): self.sq.sum() / n / nw}
 
 
-def _noise_scale(ex_sum: torch.Tensor, ex_sq: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-    """B_simple from Σ_n g_n (flat) and Σ_n ||g_n||² over n examples (module docstring)."""
-    mean_sq = ex_sum.square().sum() / (n * n)                  # |Ḡ|²
-    trace = ((ex_sq / n - mean_sq) * n / (n - 1)).clamp(min=0)
-    unbiased = mean_sq - trace / n
-    grad_sq = torch.maximum(unbiased, trace / n)
-    noise = torch.where(trace > 0, trace / grad_sq, torch.zeros_like(trace))
-    # The unclamped |G|² estimate is logged too: averaged over many measurements before the
-    # ratio is taken (McCandlish et al., App. A), it resolves noise scales above n.
-    return {C.NOISE_SCALE: noise, C.TRACE_SIGMA: trace, C.GRAD_SQ_NORM: grad_sq,
-            C.GRAD_SQ_UNBIASED: unbiased,
-            C.NOISE_EXAMPLES: torch.tensor(float(n), dtype=trace.dtype)}
-
-
 def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:
     """Per tensor, counts of log10|g| on fixed edges; exact zeros, values below the first edge
     and at or above the last edge are counted apart (``zeros``, ``underflow``,
@@ -247,6 +320,28 @@ def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:
 def histogram_edges() -> list[float]:
     bins = (LOG10_HIGH - LOG10_LOW) * BINS_PER_DECADE
     return [LOG10_LOW + i / BINS_PER_DECADE for i in range(bins + 1)]
+
+
+def measurement_iterations(total: int, points: int, spacing: str = "linear", start: int = 0
+                           ) -> list[int]:
+    """The iterations of ``points`` measurements in [start, total): linearly or log-spaced,
+    the first at ``start`` and the last at total − 1 (fewer when rounding merges neighbours
+    in a short trial; none when start >= total). A pure function of its arguments: a resumed
+    trial measures where an uninterrupted one would."""
+    span = total - start
+    if points < 1 or span < 1:
+        return []
+    spaced = (linear_spaced_iterations if spacing == "linear" else log_spaced_iterations)
+    return [start + i for i in spaced(span, points)]
+
+
+def linear_spaced_iterations(total: int, points: int) -> list[int]:
+    """Up to ``points`` evenly spaced iterations in [0, total), starting at 0 and ending at
+    total − 1 (integer arithmetic: the same on every machine)."""
+    if points == 1 or total == 1:
+        return [0]
+    return sorted({(2 * k * (total - 1) + points - 1) // (2 * (points - 1))
+                   for k in range(points)})
 
 
 def log_spaced_iterations(total: int, points: int) -> list[int]:

@@ -83,7 +83,7 @@ def test_mnist1d_label_noise_fraction_and_determinism(mnist1d_root):
     assert torch.equal(noisy.y, again.y)          # same seed, same corruption
     assert not torch.equal(noisy.y, other.y)      # another seed, another corruption
     assert torch.equal(noisy.x, clean.x)          # inputs untouched
-    assert torch.equal(noisy_test.y, clean_test.y)  # test labels never corrupted
+    assert torch.equal(noisy_test.y, clean_test.y)  # label_noise never touches test labels
     assert int(noisy.y.min()) >= 0 and int(noisy.y.max()) <= 9
 
 

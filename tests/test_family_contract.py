@@ -8,10 +8,12 @@ when some does not). Plugins (e.g. tests/plugins/faulty.py) are not part of the 
 goes on as if it had not been called; (b) a ``state_dict`` through torch.save continues bit
 for bit in a new optimizer; (c) a trial interrupted and resumed through the real trial loop
 ends with identical weights; (d) bad options name their field, the defaults construct;
-(e) directions and scheduled work count their cost."""
+(e) directions and scheduled work count their cost; (f) ``update_direction``, what the
+variance probe measures, is the step ``step`` actually applies."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -237,3 +239,51 @@ def test_cost_is_counted(family, variant, options):
         f"{[declared[i] for i in range(len(declared)) if i not in ran]}; "
         f"give {family!r} small options in FAST_OPTIONS")
     assert total == sum(c for _, c in costs)
+
+
+# -- (f) the measured direction is the step ---------------------------------------------------
+
+@each_entry
+def test_update_direction_is_the_step_actually_applied(family, variant, options):
+    """``update_direction(d)`` (what the variance probe measures) equals the parameter change
+    ``step(d)`` makes, read off a copy that really steps: momentum, Nesterov, Adam's moments,
+    weight decay and well-tempered's accumulated window included. K-FAC runs with a KL clip
+    that never binds here (its measured direction leaves the clip out; tested in
+    test_kfac.py)."""
+    if family == "kfac":
+        options = {**options, "kl_clip": 1e9}
+    opt, ctx, _ = trained(family, variant, options, TRAINED)
+    batch = next_batch(opt, ctx)
+    d = opt.direction(batch)
+    before = weights(opt.model)
+    measured = opt.update_direction(d)
+    assert_same(weights(opt.model), before)         # measuring changes nothing
+    twin = copy.deepcopy(opt)
+    twin.step(copy.deepcopy(d))
+    applied = [(b - p.detach()) / LR for b, p in
+               zip((before[name] for name, _ in opt.model.named_parameters()),
+                   twin.model.parameters())]
+    assert any(a.abs().max() > 0 for a in applied), "this step applies no update"
+    for m, a in zip(measured, applied, strict=True):
+        torch.testing.assert_close(m, a, rtol=1e-4, atol=2e-5)
+
+
+def test_kfac_measures_its_step_without_the_kl_clip():
+    """With a binding KL clip (ν < 1), K-FAC's measured direction is the step it would take
+    with the clip left out (gvar_code's measurement path): a copy stepping along the
+    preconditioned gradient before the clip moves by exactly it."""
+    opt, ctx, _ = trained("kfac", "kfac", {**FAST_OPTIONS["kfac"], "kl_clip": 1e-9}, TRAINED)
+    d = opt.direction(next_batch(opt, ctx))
+    nu = float(d.extras["nu"])
+    assert 0 < nu < 1, "the clip must bind for this test"
+    unclipped = list(d.tensors)
+    for iw, ib in opt.slots:
+        for i in (iw, ib):
+            if i is not None:
+                unclipped[i] = unclipped[i] / nu
+    before = [p.detach().clone() for p in opt.params]
+    twin = copy.deepcopy(opt)
+    twin.step(dataclasses.replace(d, tensors=unclipped))
+    applied = [(b - p.detach()) / LR for b, p in zip(before, twin.params)]
+    for m, a in zip(opt.update_direction(d), applied, strict=True):
+        torch.testing.assert_close(m, a, rtol=1e-4, atol=2e-5)

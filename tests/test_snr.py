@@ -1,4 +1,5 @@
-"""SNR-gradient directions against a float64 loop over examples."""
+"""SNR-gradient directions against a float64 loop over examples (against sngrad's own loss
+and formulas: test_snr_sngrad.py)."""
 from __future__ import annotations
 
 import pytest
@@ -24,15 +25,20 @@ def reference(variant, g, alpha, eps):
                                                      ("III", 20.0, 20.0)])
 @pytest.mark.parametrize("make, shape", [(lambda: MLP(8, [6], 3), (10, 8)),
                                          (lambda: CNN1d(1, 16, [3, 3, 3], 3), (10, 1, 16))])
-def test_direction_matches_loop(variant, alpha, default, make, shape):
+@pytest.mark.parametrize("loss_scale, scale", [(1.0, 1.0), (None, 1 / 3)])
+def test_direction_matches_loop(variant, alpha, default, make, shape, loss_scale, scale):
+    """The statistics are those of the per-example gradients of CE × loss_scale (None: 1/C,
+    here C = 3) and the direction is divided by loss_scale; 1.0 is α, ε on CE itself."""
     torch.manual_seed(1)
     model = make().double()
     x, y = torch.randn(*shape, dtype=torch.float64) * 3, torch.randint(0, 3, (shape[0],))
-    opt = make_optimizer("snr", model, loss_fn, lr=0.1, variant=variant, alpha=alpha)
+    opt = make_optimizer("snr", model, loss_fn, lr=0.1, variant=variant, alpha=alpha,
+                         loss_scale=loss_scale)
     assert opt.alpha == default
     d = opt.direction(Batch(x, y, torch.arange(len(y))))
     assert d.grad_evals == len(y)
-    expected = [reference(variant, g, default, 1e-5) for g in per_example_grads(model, x, y)]
+    expected = [reference(variant, g * scale, default, 1e-5) / scale
+                for g in per_example_grads(model, x, y)]
     scaled = 0
     for got, want in zip(d.tensors, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -65,7 +71,10 @@ def test_step_applies_lr_times_direction():
 
 
 @pytest.mark.parametrize("bad, field", [({"alpha": 0.0}, "alpha"), ({"alpha": -1}, "alpha"),
-                                        ({"alpha": "x"}, "alpha"), ({"eps": -1.0}, "eps")])
+                                        ({"alpha": "x"}, "alpha"), ({"eps": -1.0}, "eps"),
+                                        ({"loss_scale": 0.0}, "loss_scale"),
+                                        ({"loss_scale": -0.1}, "loss_scale"),
+                                        ({"loss_scale": "1/C"}, "loss_scale")])
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(ValueError, match=f"snr.options.{field}"):
         make_optimizer("snr", MLP(4, [3], 2), loss_fn, lr=0.1, variant="I", **bad)

@@ -129,6 +129,18 @@ class Optimizer:
     def step(self, direction: Direction) -> None:
         self.rule.apply(self.params, direction.tensors, self.lr)
 
+    def update_direction(self, direction: Direction) -> list[torch.Tensor]:
+        """The step ``step(direction)`` would take, per unit of lr (θ ← θ − lr·this), with no
+        state changed: momentum buffer, Nesterov look-ahead, Adam's m̂/(√v̂+ε) included. This
+        is what the variance probe measures (gvar_code's ``estim/heavyball.py``/``adam.py``:
+        the variance of the update actually applied, not of the raw gradient)."""
+        return self.rule.preview(self.params, direction.tensors)
+
+    def steps_along_direction(self) -> bool:
+        """Whether every update is the direction itself (no momentum, decay, adaptivity)."""
+        return (type(self).update_direction is Optimizer.update_direction
+                and self.rule.is_identity())
+
     def periodic(self) -> list[Periodic]:
         return []
 

@@ -15,6 +15,16 @@ class UpdateRule:
     def apply(self, params: list[torch.Tensor], direction: list[torch.Tensor], lr: float) -> None:
         raise NotImplementedError
 
+    def preview(self, params: list[torch.Tensor], direction: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+        """What ``apply`` would subtract per unit of lr (p ← p − lr·preview), from the current
+        state, changing nothing: the step direction the variance probe measures."""
+        raise NotImplementedError
+
+    def is_identity(self) -> bool:
+        """Whether ``preview`` is the direction itself, whatever the state."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -35,10 +45,29 @@ class SGDRule(UpdateRule):
         self.steps = 0
         self.buffers: list[torch.Tensor] | None = None
 
+    def _decayed(self, params, direction):
+        if self.weight_decay and self.steps >= self.decay_after:
+            return [d + self.weight_decay * p for d, p in zip(direction, params)]
+        return direction
+
+    @torch.no_grad()
+    def preview(self, params, direction):
+        direction = self._decayed(params, direction)
+        if not self.momentum:
+            return [d.clone() for d in direction]
+        velocity = (direction if self.buffers is None else
+                    [b * self.momentum + d for b, d in zip(self.buffers, direction)])
+        if self.nesterov:
+            return [d + self.momentum * v for d, v in zip(direction, velocity)]
+        return [v.clone() for v in velocity]
+
+    def is_identity(self) -> bool:
+        """Steps along the direction itself (no momentum, no weight decay)."""
+        return not self.momentum and not self.weight_decay
+
     @torch.no_grad()
     def apply(self, params, direction, lr):
-        if self.weight_decay and self.steps >= self.decay_after:
-            direction = [d + self.weight_decay * p for d, p in zip(direction, params)]
+        direction = self._decayed(params, direction)
         self.steps += 1
         if self.momentum:
             if self.buffers is None:
@@ -69,6 +98,20 @@ class AdamRule(UpdateRule):
         self.t = 0
         self.m: list[torch.Tensor] | None = None
         self.v: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def preview(self, params, direction):
+        t = self.t + 1
+        c1, c2 = 1 - self.beta1 ** t, 1 - self.beta2 ** t
+        out = []
+        for i, (p, d) in enumerate(zip(params, direction)):
+            if self.weight_decay:
+                d = d + self.weight_decay * p
+            m = d * (1 - self.beta1) if self.m is None else self.m[i].lerp(d, 1 - self.beta1)
+            v = (d * d * (1 - self.beta2) if self.v is None else
+                 self.v[i] * self.beta2 + d * d * (1 - self.beta2))
+            out.append(m / c1 / ((v.sqrt() / c2 ** 0.5).add_(self.eps)))
+        return out
 
     @torch.no_grad()
     def apply(self, params, direction, lr):

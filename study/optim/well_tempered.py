@@ -84,6 +84,24 @@ class WellTempered(Optimizer):
                             self.lr)
             self._reset()
 
+    @torch.no_grad()
+    def update_direction(self, direction: Direction) -> list[torch.Tensor]:
+        """``epoch``: the scaled gradient through the rule. ``accumulate``: the update the
+        window would apply if it ended with this batch (Ā·min(s, 1) over the accumulated
+        gradients and this one), through the rule; no accumulator changes."""
+        if self.variant == "epoch":
+            return super().update_direction(direction)
+        raw = direction.extras.get("raw", direction.tensors)
+        if self.total is None:
+            total, total_sq, count = [g.clone() for g in raw], [g * g for g in raw], 1
+        else:
+            total = [t + g for t, g in zip(self.total, raw)]
+            total_sq = [q.addcmul(g, g) for q, g in zip(self.total_sq, raw)]
+            count = self.count + 1
+        update = [(t / count).mul_(damping(standard_error_snr(t, q, count)))
+                  for t, q in zip(total, total_sq)]
+        return self.rule.preview(self.params, update)
+
     def periodic(self) -> list[Periodic]:
         if self.variant != "epoch":
             return []

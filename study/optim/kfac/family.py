@@ -108,6 +108,19 @@ class KFAC(Optimizer):
                     tensors[ib] = v_b
         return Direction(tensors, loss, len(batch), {"preconditioned": True, "nu": nu})
 
+    def update_direction(self, direction: Direction) -> list[torch.Tensor]:
+        """The update without the KL clip, as gvar_code measures K-FAC (its measurement path
+        ``apply_precond_outplace`` has the clip commented out): ν only rescales the whole step
+        by a factor set by lr and the trust region, not by the gradient's noise."""
+        tensors = list(direction.tensors)
+        nu = direction.extras.get("nu")
+        if nu is not None:
+            for iw, ib in self.slots:
+                tensors[iw] = tensors[iw] / nu
+                if ib is not None:
+                    tensors[ib] = tensors[ib] / nu
+        return self.rule.preview(self.params, tensors)
+
     # -- scheduled work --------------------------------------------------------------------
     def periodic(self) -> list[Periodic]:
         return [Periodic("minibatch", self.opts.t_cov, "iter", self.update_factors),
