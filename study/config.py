@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from study.spec import DatasetSpec
+    from study.spec_sections import StopSpec
     from study.variance import ProbeSettings
 
 
@@ -29,6 +30,7 @@ class TrialConfig:
     plugins: tuple[str, ...] = ()     # modules / files registering extra families
     threads: int = 1                  # torch threads: the CPUs the trial was given
     gpu: float = 0.0                  # the GPU fraction it was given (> 0: train on CUDA)
+    stop: StopSpec | None = None      # end at the first epoch that reaches this target
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for the trial's MLflow run (options as ``opt.*``, model options

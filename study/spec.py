@@ -36,6 +36,7 @@ from study.spec_sections import (  # DatasetSpec is re-exported: callers import 
     ResourcesSpec,
     SchedulerSpec,
     SearchSpec,
+    StopSpec,
     Strict,
     TrackingSpec,
     grid_size,
@@ -64,6 +65,7 @@ class Spec(Strict):
     families: dict[str, FamilySpec | None] = Field(min_length=1)
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
+    stop: StopSpec | None = None             # end a trial once it reaches a target
     resources: ResourcesSpec = ResourcesSpec()
     measure: MeasureSpec = MeasureSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -233,7 +235,7 @@ class Spec(Strict):
             dataset=self.dataset, measure=self.measure.settings(),
             model_options=dict(point.get("model_options", {})),
             options=dict(point.get("options", {})), plugins=tuple(self.plugins),
-            threads=max(1, int(self.resources.cpu)), gpu=self.resources.gpu)
+            threads=max(1, int(self.resources.cpu)), gpu=self.resources.gpu, stop=self.stop)
 
     def trials(self) -> list[dict[str, Any]]:
         """The full grid: arms × lr (per family) × batch size × seed."""

@@ -149,6 +149,35 @@ class SchedulerSpec(Strict):
     reduction_factor: float = Field(3.0, gt=1)
 
 
+class StopSpec(Strict):
+    """End a trial at the first epoch its ``metric`` is below / above a target (McCandlish et
+    al.'s protocol counts steps to a target loss; training on is wasted). Also a budget cap:
+    ``epochs`` still bounds a trial that never gets there."""
+
+    metric: str
+    below: float | None = None
+    above: float | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.metric not in contract.EPOCH_METRICS:
+            raise Problem(f"{self.metric!r} is not a metric a trial reports every epoch; one of "
+                          f"{list(contract.EPOCH_METRICS)}", "metric")
+        if self.metric.startswith("test_"):
+            raise Problem(f"stopping on {self.metric!r} would let test data decide training; "
+                          "use a train_ or val_ metric", "metric")
+        if (self.below is None) == (self.above is None):
+            raise Problem(f"give one of below / above (got below={self.below}, "
+                          f"above={self.above})", "below")
+        return self
+
+    def reached(self, metrics: dict[str, Any]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None:
+            return False
+        return value <= self.below if self.below is not None else value >= self.above
+
+
 class ResourcesSpec(Strict):
     cpu: PositiveFloat = 1.0
     gpu: float = Field(0.0, ge=0, le=1)       # a fraction of one GPU per trial

@@ -95,6 +95,7 @@ class Progress:
     shadow_grad_evals: int = 0        # the shadow estimators' own scheduled work (not training)
     initial_loss: float | None = None  # the training loss before the first step
     diverged: bool = False
+    reached_target: bool = False      # spec.stop's target met: the trial is done
 
     def diverges(self, loss: float) -> bool:
         return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * self.initial_loss
@@ -136,7 +137,7 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         c.initial_loss = evaluate(model, train)[0]
 
     metrics: dict[str, Any] = {}
-    while c.epoch < config.epochs and not c.diverged:
+    while c.epoch < config.epochs and not c.diverged and not c.reached_target:
         generator = epoch_generator(seed, c.epoch)
         ctx = Context(model, loss_fn, train, bs, c.iteration, c.epoch,
                       epoch_generator(seed, c.epoch, PERIODIC_STREAM))
@@ -170,6 +171,7 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
             c.shadow_grad_evals += sum(shadow.work(c.epoch, "epoch") for shadow in shadows)
             c.measure_s += time.perf_counter() - t0
         metrics = _epoch_metrics(model, opt, (train, val, test), c, losses)
+        c.reached_target = config.stop is not None and config.stop.reached(metrics)
         log(metrics, c.iteration)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "probe": probe.state_dict() if probe is not None else None,

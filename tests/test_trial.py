@@ -67,3 +67,32 @@ def test_training_learns_mnist1d(tmp_path):
                                                    "root": str(tmp_path)})
     metrics = run_trial(spec.trial_config(spec.trials()[0]))
     assert metrics["train_loss"] < 1.6 and metrics["test_accuracy"] > 0.3
+
+
+def test_a_trial_stops_at_the_first_epoch_that_reaches_its_target(tmp_path):
+    """``stop: {metric: train_loss, below: x}`` with x the loss the straight run has after
+    epoch 2 (read from that run): the stopped run reports exactly epochs 1-2, identical to the
+    straight run's, and its checkpoint resumes to nothing more."""
+    spec = tiny_spec(tmp_path)
+    straight, report = collect()
+    run_trial(spec.trial_config(spec.trials()[0]), report=report)
+    target = straight[1][0]["train_loss"]
+    assert straight[0][0]["train_loss"] > target      # epoch 1 has not reached it
+    stopping = tiny_spec(tmp_path, stop={"metric": "train_loss", "below": target})
+    config = stopping.trial_config(stopping.trials()[0])
+    stopped, report = collect()
+    final = run_trial(config, report=report)
+    assert [m["epoch"] for m, _ in stopped] == [1, 2]
+    assert final["train_loss"] == straight[1][0]["train_loss"]
+    again, report = collect()
+    run_trial(config, report=report, state=stopped[-1][1])
+    assert again == []                                  # resumed: already done
+
+
+def test_stop_targets_are_checked(tmp_path):
+    from study.spec import SpecError
+    for stop, message in [({"metric": "test_loss", "below": 1.0}, "test data"),
+                          ({"metric": "train_los", "below": 1.0}, "stop.metric"),
+                          ({"metric": "train_loss"}, "one of below / above")]:
+        with pytest.raises(SpecError, match=message):
+            tiny_spec(tmp_path, stop=stop)
