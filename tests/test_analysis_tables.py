@@ -107,10 +107,13 @@ def test_final_accuracy_mean_and_sample_std_over_seeds():
     sgd = _row(long, family="sgd")
     assert sgd["mean"] == pytest.approx(0.80)
     assert sgd["std"] == pytest.approx(np.std([0.78, 0.82], ddof=1))
-    wide = tables.final_accuracy_table(synthetic_trials()).frame
-    assert list(wide.columns) == ["dataset", "model", "adam", "sgd"]
-    assert wide.loc[0, "sgd"] == "80.00 ± 2.83"
-    assert wide.loc[0, "adam"] == "86.00 ± 2.83"
+    # 95% t-interval with n = 2: t(0.975, df=1) = 12.7062, s/sqrt(2) = 0.02 -> ± 25.4 points
+    assert sgd["ci_high"] - sgd["mean"] == pytest.approx(12.7062 * 0.02, rel=1e-4)
+    final = tables.final_accuracy_table(synthetic_trials()).frame
+    assert list(final.columns) == ["dataset", "model", "family", "variant", "batch_size", "lr",
+                                   "edge", tables.FINAL_COLUMN, "n_seeds"]
+    assert _row(final, family="sgd")[tables.FINAL_COLUMN] == "80.0 ± 25.4"
+    assert _row(final, family="adam")[tables.FINAL_COLUMN] == "86.0 ± 25.4"
 
 
 def test_tuneability_share_of_grid_within_tolerance():
@@ -178,7 +181,7 @@ def test_every_table_survives_a_study_whose_every_trial_has_one_status(status):
     assert (counts[status] == counts["total"]).all() and counts["total"].sum() == len(trials)
     final = result[1].frame
     if status == C.STOPPED:  # results: the same answers as finished trials
-        assert final.loc[0, "sgd"] == "80.00 ± 2.83"
+        assert _row(final, family="sgd")[tables.FINAL_COLUMN] == "80.0 ± 25.4"
         assert _row(result[0].frame, family="adam")["best_lr"] == 1e-3
     else:
         assert list(final.columns) == ["note"]
@@ -257,8 +260,9 @@ def test_load_tune_reads_grid_and_optuna_configs_results_and_error_marker(tmp_pa
 def test_a_family_whose_every_lr_diverged_has_no_tuned_accuracy():
     trials = synthetic_trials()
     trials.loc[trials["family"] == "sgd", "status"] = "diverged"
-    wide = tables.final_accuracy_table(trials).frame
-    assert wide.loc[0, "sgd"] == "–" and wide.loc[0, "adam"] == "86.00 ± 2.83"
+    final = tables.final_accuracy_table(trials).frame
+    assert _row(final, family="sgd")[tables.FINAL_COLUMN] == "–"
+    assert _row(final, family="adam")[tables.FINAL_COLUMN] == "86.0 ± 25.4"
 
 
 def test_pooled_noise_scale_averages_numerator_and_denominator_before_the_ratio():
