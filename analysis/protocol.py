@@ -172,6 +172,26 @@ def protocol_warnings(trials: pd.DataFrame, select: str, baseline: str = BASELIN
             + seed_warnings(trials, select) + momentum_warnings(trials, baseline))
 
 
+MIN_MEASUREMENTS = 5
+
+
+def measurement_warnings(trials: pd.DataFrame, metrics: pd.DataFrame,
+                         minimum: int = MIN_MEASUREMENTS) -> list[str]:
+    """Result trials whose variance curve rests on fewer than ``minimum`` measurements."""
+    key = C.variance_key(C.DIRECTION, "var")
+    if metrics.empty or key not in set(metrics["key"]):
+        return []
+    runs = usable(trials)
+    counts = metrics[(metrics["key"] == key) & metrics["run_id"].isin(runs["run_id"])]
+    counts = counts.groupby("run_id")["step"].nunique().reindex(runs["run_id"], fill_value=0)
+    few = counts[counts < minimum]
+    if few.empty:
+        return []
+    return [f"{len(few)} of {len(counts)} trials have fewer than {minimum} variance "
+            f"measurements ({key}; as few as {int(few.min())}): their variance curves rest "
+            "on few points. Raise measure.points."]
+
+
 def _values(runs: pd.DataFrame, row: pd.Series, metric: str) -> list[float]:
     if pd.isna(row["score"]):
         return []

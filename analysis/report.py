@@ -37,11 +37,15 @@ SUMMARY_COLUMNS = ("dataset", "model", "family", "variant", "batch_size", "best_
 FIGURE_CAPTIONS = {
     "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; x = diverged).",
     "lr_bs_heatmaps": "Final test accuracy (%) over the LR × batch-size grid, per family.",
-    "learning_curves": "Learning curves per unit of work at each family's tuned setting.",
+    "learning_curves": "Learning curves at each family's tuned setting: test accuracy and "
+                       "train loss per gradient evaluation, test accuracy per training second "
+                       "(seed mean, band: ±1 std over seeds).",
     "variance": "Variance and normalized variance of each family's step direction "
-                "(Faghri et al.).",
+                "(var/dir_*, solid) beside plain SGD's gradient at the same weights "
+                "(var/sgd_*, dotted), against examples seen (Faghri et al.).",
     "grad_histograms": "Histograms of |gradient entries| over training (log-log).",
-    "performance_profiles": "Performance profiles of the cost to reach the target (AlgoPerf).",
+    "performance_profiles": "Performance profiles of the cost to reach the validation target "
+                            "(AlgoPerf); with few problems ρ takes few values.",
 }
 
 
@@ -208,7 +212,8 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
         *tables.all_tables(trials, metrics, select, tolerance=tolerance,
                            target_fraction=target_fraction),
         protocol.budget_table(trials), protocol.comparison_table(trials, select)]]
-    warnings = protocol.protocol_warnings(trials, select)
+    warnings = (protocol.protocol_warnings(trials, select)
+                + protocol.measurement_warnings(trials, metrics))
     results = claims_mod.evaluate(study_claims(trials, spec), trials, metrics, select)
     claims_table = claims_mod.claims_table(results)
     claims_table.paths = {"csv": claims_mod.claims_csv(results, out / C.CLAIMS_ARTIFACT)}

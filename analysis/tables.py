@@ -199,10 +199,15 @@ def _first_reach(history: pd.DataFrame, metric: str, target: float) -> pd.DataFr
     return out.fillna({C.GRAD_EVALS: np.inf, C.TIME_S: np.inf, "step": np.inf})
 
 
-def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_ACCURACY,
+def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.VAL_ACCURACY,
                          target_fraction=0.9, target=None) -> pd.DataFrame:
     """AlgoPerf time-to-target per problem × family: at the tuned setting (median over seeds,
-    a seed that misses counts as ∞) and the fastest trial anywhere in the family's grid."""
+    a seed that misses counts as ∞) and the fastest trial anywhere in the family's grid. The
+    target is set and reached on validation data (AlgoPerf's targets are validation targets):
+    a test metric is refused, since choosing on test data leaks it into the result."""
+    if metric.startswith("test_"):
+        raise ValueError(f"cost to target on {metric}: targets are set on validation (or "
+                         "training) metrics, never on test data")
     if metrics.empty or metric not in set(metrics["key"]):
         return pd.DataFrame()
     problems = keys_in(trials, PROBLEM_KEYS)
@@ -236,12 +241,13 @@ def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_A
     return pd.DataFrame(rows)
 
 
-def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_ACCURACY,
+def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.VAL_ACCURACY,
                          target_fraction=0.9, target=None) -> Table:
     frame = cost_to_target_frame(trials, metrics, select, metric, target_fraction, target)
     if frame.empty:
         return note_table("cost_to_target", "Cost to reach the target",
-                          f"no {metric} history of a finished, stopped or diverged trial")
+                          f"no {metric} history of a finished, stopped or diverged trial "
+                          "(targets are set on validation data, never on test data)")
     goal = (f"{target:g}" if target is not None
             else f"{target_fraction:g} × the best {metric} any trial reached")
     return Table("cost_to_target", f"Cost to reach {metric} ≥ target ({goal})",
@@ -283,11 +289,14 @@ def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
     problems = keys_in(trials, PROBLEM_KEYS)
     best = best_settings(trials, select)
     ok = trials[trials["status"].isin(set(C.RESULT_STATUSES) - {C.DIVERGED})]
-    noise = metrics[(metrics["key"] == key) & metrics["run_id"].isin(ok["run_id"])]
+    noise = _mark_capped(metrics[metrics["run_id"].isin(ok["run_id"])], key)
     noise = noise.merge(trials[["run_id", "family"] + problems], on="run_id")
+    capped = noise[noise["at_cap"]]
+    noise = noise[~noise["at_cap"]]   # at the cap: a bound, not a measurement
     rows = []
     for _, setting in best.iterrows():
         mine = noise[noise["run_id"].isin(setting["run_ids"])]["value"]
+        n_capped = int(capped["run_id"].isin(setting["run_ids"]).sum())
         fam = noise
         for col in problems + ["family"]:
             fam = fam[fam[col] == setting[col]]
@@ -298,6 +307,7 @@ def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
                      "b_simple_median_tuned": mine.median() if len(mine) else np.nan,
                      "b_simple_q25_tuned": mine.quantile(0.25) if len(mine) else np.nan,
                      "b_simple_q75_tuned": mine.quantile(0.75) if len(mine) else np.nan,
+                     "n_at_cap_tuned": n_capped,
                      "b_simple_median_all_runs": fam["value"].median(),
                      "n_measurements": len(fam),
                      "best_batch_size": setting["batch_size"] if pd.notna(setting["score"])
@@ -309,9 +319,21 @@ def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
                  "b_simple_pooled_tuned = mean tr(Σ) / mean |G|² over every measurement of "
                  "the tuned setting (McCandlish et al. average numerator and denominator "
                  "before the ratio; 'inf' = the mean unbiased |G|² estimate is not positive, "
-                 "noise swamps the signal). The medians are of the per-measurement "
-                 "var/noise_scale, which cannot exceed the examples one measurement uses "
-                 "(IQR beside it; also over all non-diverged runs of the family).")
+                 "noise swamps the signal): this is the measurement. The medians (IQR beside "
+                 "them; also over all non-diverged runs of the family) are of the "
+                 "per-measurement var/noise_scale, which cannot exceed the examples one "
+                 "measurement uses (var/noise_examples): measurements at that cap are bounds, "
+                 "not values, and are left out (n_at_cap_tuned counts them).")
+
+
+def _mark_capped(metrics: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The ``key`` measurements with ``at_cap``: the value sits at the probe's example count
+    (``var/noise_examples`` at the same step), where B_simple saturates."""
+    noise = metrics[metrics["key"] == key]
+    cap = metrics[metrics["key"] == C.NOISE_EXAMPLES][["run_id", "step", "value"]]
+    noise = noise.merge(cap.rename(columns={"value": "cap"}), on=["run_id", "step"], how="left")
+    noise["at_cap"] = noise["cap"].notna() & (noise["value"] >= noise["cap"] * (1 - 1e-9))
+    return noise
 
 
 def _pooled_noise_scale(metrics, run_ids) -> float:
@@ -324,7 +346,7 @@ def _pooled_noise_scale(metrics, run_ids) -> float:
 
 
 def all_tables(trials, metrics, select=C.VAL_ACCURACY, tolerance=0.01, target_fraction=0.9,
-               target_metric=C.TEST_ACCURACY) -> list[Table]:
+               target_metric=C.VAL_ACCURACY) -> list[Table]:
     return [best_lr_table(trials, select), final_accuracy_table(trials, select),
             tuneability_table(trials, tolerance=tolerance),
             cost_to_target_table(trials, metrics, select, target_metric, target_fraction),

@@ -167,3 +167,15 @@ def test_momentum_baseline_against_families_without_momentum_is_warned():
     with_momentum = _trials(spec, momentum=0.9)
     with_momentum.loc[with_momentum["family"] == "snr", "opt.momentum"] = 0.9
     assert protocol.momentum_warnings(with_momentum) == []
+
+
+def test_trials_with_fewer_than_five_variance_measurements_are_warned():
+    trials = _trials({"sgd": {0.1: 0.9}}, seeds=(0, 1))
+    rows = [(f"sgd-0.1-{seed}", "var/dir_var", step, 1.0) for seed, steps in ((0, 3), (1, 6))
+            for step in range(steps)]
+    metrics = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    (warning,) = protocol.measurement_warnings(trials, metrics)
+    assert warning.startswith("1 of 2 trials have fewer than 5") and "as few as 3" in warning
+    assert protocol.measurement_warnings(trials, metrics[metrics["step"] < 0]) == []
+    enough = metrics.assign(run_id="sgd-0.1-1")
+    assert protocol.measurement_warnings(trials.iloc[1:], enough) == []
