@@ -23,6 +23,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tuneability tolerance in accuracy units (0.01 = 1 point)")
     parser.add_argument("--target-fraction", type=float, default=0.9,
                         help="cost-to-target goal as a fraction of the best accuracy reached")
+    parser.add_argument("--spec", default=None,
+                        help="a spec file whose claims: to judge (default: the sweep's own "
+                             "spec, logged on its parent run)")
     parser.add_argument("--no-mlflow-log", action="store_true",
                         help="do not log the report folder to the parent run")
 
@@ -39,7 +42,7 @@ def run_report(args: argparse.Namespace) -> Path:
     out = make_report(args.study, tracking_uri=tracking_uri, results_dir=args.results,
                       out_dir=args.out, select=args.select, log_to_mlflow=not args.no_mlflow_log,
                       parent_run_id=args.parent_run_id, tolerance=args.tolerance,
-                      target_fraction=args.target_fraction)
+                      target_fraction=args.target_fraction, spec=getattr(args, "spec", None))
     best = best_per_family(out)
     if not best.empty:
         print(format_best(best))

@@ -166,74 +166,110 @@ def _setting_label(row) -> str:
     return f"{name}: B={int(row['batch_size'])}, lr={row['lr']:.2g}"
 
 
+def _seed_spread(metrics: pd.DataFrame, run_ids: list[str], x: str, y: str) -> pd.DataFrame:
+    """Per step over the given runs: mean of ``x``, mean and std (ddof=1) of ``y``, n runs."""
+    part = metrics[metrics["run_id"].isin(run_ids) & metrics["key"].isin([x, y])]
+    if part.empty:
+        return pd.DataFrame()
+    wide = part.pivot_table(index=["run_id", "step"], columns="key", values="value",
+                            aggfunc="last").reset_index()
+    if x not in wide or y not in wide:
+        return pd.DataFrame()
+    wide = wide.dropna(subset=[x, y])
+    return wide.groupby("step").agg(x=(x, "mean"), mean=(y, "mean"), std=(y, "std"),
+                                    n=(y, "size")).reset_index()
+
+
 def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
-    """Test accuracy and train loss per unit of work (gradient evaluations) at each family's
-    tuned setting (seed means)."""
-    wanted = [C.GRAD_EVALS, C.TEST_ACCURACY, C.TRAIN_LOSS]
+    """Test accuracy and train loss per unit of work (gradient evaluations), and test accuracy
+    against training seconds (``time_s``), at each family's tuned setting: seed means with a
+    ±1 std band over seeds where there are several."""
     if best.empty or metrics.empty or C.GRAD_EVALS not in set(metrics["key"]):
         return skipped("no grad_evals history to plot learning curves against")
     problems = problems_of(best)
-    fig, axes = panel_grid(len(problems), 2)
+    fig, axes = panel_grid(len(problems), 3)
     n_series = 0
+    panels = ((0, C.GRAD_EVALS, C.TEST_ACCURACY, 100), (1, C.GRAD_EVALS, C.TRAIN_LOSS, 1),
+              (2, C.TIME_S, C.TEST_ACCURACY, 100))
     for r, problem in enumerate(problems):
         for _, row in _family_rows(best, problem):
-            curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
-            if curves.empty or C.GRAD_EVALS not in curves:
-                continue
-            for ax, key, scale in ((axes[r, 0], C.TEST_ACCURACY, 100), (axes[r, 1], C.TRAIN_LOSS,
-                                                                      1)):
-                if key in curves:
-                    c = curves[[C.GRAD_EVALS, key]].dropna()
-                    ax.plot(c[C.GRAD_EVALS], scale * c[key], color=family_color(row["family"]),
-                            marker=".", label=_setting_label(row))
-                    n_series += 1
+            for col, x, y, scale in panels:
+                c = _seed_spread(metrics, row["run_ids"], x, y)
+                if c.empty:
+                    continue
+                ax, colour = axes[r, col], family_color(row["family"])
+                ax.plot(c["x"], scale * c["mean"], color=colour, marker=".",
+                        label=_setting_label(row) + (f" ({int(c['n'].max())} seeds)"
+                                                     if c["n"].max() > 1 else ""))
+                if c["n"].max() > 1:
+                    band = scale * c["std"].fillna(0)
+                    ax.fill_between(c["x"], scale * c["mean"] - band, scale * c["mean"] + band,
+                                    color=colour, alpha=0.2, lw=0)
+                n_series += 1
         axes[r, 0].set_ylabel("test accuracy (%)")
+        axes[r, 2].set_ylabel("test accuracy (%)")
         axes[r, 1].set_ylabel("train loss (cross-entropy, log scale)")
         axes[r, 1].set_yscale("log")
         plain_log_ticks(axes[r, 1])
-        for ax in axes[r]:
+        for ax in axes[r, :2]:
             ax.set_xlabel("gradient evaluations (examples)")
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 50k, not 50000100000...
+        axes[r, 2].set_xlabel("training time (s, time_s)")
+        for ax in axes[r]:
             ax.set_title(problem_label(problem), fontsize=10)
             ax.grid(True, alpha=0.3)
-        legend_outside(axes[r, 1])
+        legend_outside(axes[r, 2])
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
                         n_series=n_series)
 
 
 def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
-    """Faghri et al.: variance and normalized variance of each family's step direction over
-    iterations, at its tuned setting (seed means, log y)."""
-    keys = {C.variance_key(C.DIRECTION, "var"): "direction variance",
-            C.variance_key(C.DIRECTION, "nvar"): "normalized variance"}
-    if best.empty or metrics.empty or not set(keys) & set(metrics["key"]):
+    """Faghri et al.: variance and normalized variance of each family's step direction
+    (``var/dir_*``, solid) beside plain SGD's mini-batch gradient at the same weights
+    (``var/sgd_*``, dotted), at its tuned setting (seed means, log y), against the examples
+    seen (iteration × batch size), so that tuned settings of different batch sizes line up."""
+    keys = {"var": "variance", "nvar": "normalized variance"}
+    dirs = {C.variance_key(C.DIRECTION, k) for k in keys}
+    if best.empty or metrics.empty or not dirs & set(metrics["key"]):
         return skipped("no var/dir_var or var/dir_nvar metrics recorded")
     problems = problems_of(best)
     fig, axes = panel_grid(len(problems), 2)
     n_series = 0
     for r, problem in enumerate(problems):
         plotted: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+        xs = []
         for _, row in _family_rows(best, problem):
-            curves = _seed_mean_curves(metrics, row["run_ids"], list(keys))
-            for ax, key in zip(axes[r], keys):
-                if key in curves and curves[key].notna().any():
+            wanted = [C.variance_key(e, k) for e in (C.DIRECTION, C.SGD_GRADIENT) for k in keys]
+            curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
+            for ax, stat in zip(axes[r], keys):
+                for estimator, style in ((C.DIRECTION, "-"), (C.SGD_GRADIENT, ":")):
+                    key = C.variance_key(estimator, stat)
+                    if key not in curves or not curves[key].notna().any():
+                        continue
                     c = curves[key].dropna()
-                    ax.plot(c.index, c.values, color=family_color(row["family"]), marker=".",
-                            label=_setting_label(row))
-                    plotted[key].append(c.values)
+                    x = c.index.to_numpy(float) * float(row["batch_size"])
+                    label = _setting_label(row) + ("" if estimator == C.DIRECTION
+                                                   else ": plain SGD, same weights")
+                    ax.plot(x, c.values, color=family_color(row["family"]), ls=style,
+                            marker="." if estimator == C.DIRECTION else None, label=label)
+                    plotted[stat].append(c.values)
+                    xs.append(x)
                     n_series += 1
-        for ax, (key, name) in zip(axes[r], keys.items()):
+        x_all = np.concatenate(xs) if xs else np.array([1.0])
+        log_x = x_all.min() >= 1 and x_all.max() / max(x_all.min(), 1) > 100
+        for ax, (stat, name) in zip(axes[r], keys.items()):
             ax.set_yscale("log")
-            _clip_degenerate(ax, plotted[key])
-            steps = metrics.loc[metrics["key"] == key, "step"]
-            log_x = len(steps) and steps.min() >= 1 and steps.max() / steps.min() > 100
-            if log_x:  # measurements are usually log-spaced in iterations
+            _clip_degenerate(ax, plotted[stat])
+            if log_x:  # measurements are often denser early
                 ax.set_xscale("log")
-            ax.set_xlabel("iteration (optimizer steps" + (", log scale)" if log_x else ")"))
+            ax.set_xlabel("examples seen (iteration × batch" + (", log)" if log_x else ")"))
+            if not log_x:
+                ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             plain_log_ticks(ax)
             ax.set_ylabel(f"{name} (log scale)")
-            ax.set_title(f"{problem_label(problem)}: {key}", fontsize=10)
+            ax.set_title(f"{problem_label(problem)}\nvar/dir_{stat} (solid), var/sgd_{stat} "
+                         "(dotted)", fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
         legend_outside(axes[r, 1])
     fig.tight_layout()

@@ -43,17 +43,30 @@ def download_link(path: Path, label: str | None = None) -> str:
 
 def write_index_html(out: Path, *, study: str, intro: str, sections: list[tuple[str, str, str,
                      list[Path], pd.DataFrame]], table_list: list[Table], figs: dict,
-                     captions: dict[str, str]) -> Path:
-    """Write ``out/index.html``. ``sections``: (anchor, title, note, files, frame) shown before
-    the result tables (the best settings, the summary); ``figs``: name -> FigureResult."""
+                     captions: dict[str, str], opening: list[Table] = (),
+                     warnings: tuple[str, list[str]] | None = None) -> Path:
+    """Write ``out/index.html``. ``opening``: tables the page opens with (the claims), then
+    ``warnings`` (title, sentences: the protocol checks), the intro, ``sections`` (anchor,
+    title, note, files, frame: the best settings, the summary), the result tables and
+    ``figs`` (name -> FigureResult)."""
     esc = html.escape
-    contents = [(anchor, title) for anchor, title, *_ in sections]
+    contents = [(t.name, t.title) for t in opening]
+    contents += [("protocol", warnings[0])] if warnings else []
+    contents += [(anchor, title) for anchor, title, *_ in sections]
     contents += [(t.name, t.title) for t in table_list]
     contents += [(f"fig-{name}", f"Figure: {name}") for name in figs]
     nav = " · ".join(f"<a href='#{esc(a)}'>{esc(t)}</a>" for a, t in contents)
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(study)} report"
               f"</title><style>{_CSS}</style></head><body>"),
-             f"<h1>Study {esc(study)}</h1><p>{esc(intro)}</p><nav>{nav}</nav>"]
+             f"<h1>Study {esc(study)}</h1><nav>{nav}</nav>"]
+    for table in opening:
+        links = " · ".join(download_link(p, Path(p).name) for p in table.paths.values())
+        parts += [f"<h2 id='{esc(table.name)}'>{esc(table.title)}</h2>",
+                  f"<p class='note'>{esc(table.note)}</p><p>{links}</p>", to_html(table.frame)]
+    if warnings:
+        items = "".join(f"<li>{esc(w)}</li>" for w in warnings[1])
+        parts.append(f"<h2 id='protocol'>{esc(warnings[0])}</h2><ul>{items}</ul>")
+    parts.append(f"<p>{esc(intro)}</p>")
     for anchor, title, note, files, frame in sections:
         links = " · ".join(download_link(p) for p in files if Path(p).is_file())
         parts += [f"<h2 id='{esc(anchor)}'>{esc(title)}</h2>",

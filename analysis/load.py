@@ -190,6 +190,23 @@ def download_grad_hist(tracking_uri: str | None, run_id: str, dst: Path) -> dict
     return json.loads(Path(local).read_text())
 
 
+def download_text(tracking_uri: str | None, run_id: str, name: str) -> str | None:
+    """A text artifact of a run (the parent's ``spec.yaml``), or None without one."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        if name not in {a.path for a in client.list_artifacts(run_id)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(client.download_artifacts(run_id, name, tmp)).read_text()
+    except (MlflowException, OSError, UnicodeDecodeError) as err:
+        log.warning("%s of run %s could not be read: %s", name, run_id, err)
+        return None
+
+
 # ---------------------------------------------------------------- Ray Tune
 
 

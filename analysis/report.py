@@ -13,28 +13,39 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import figures, summary, tables
+from analysis import claims as claims_mod
+from analysis import figures, protocol, summary, tables
 
 # One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from analysis.html import write_index_html
-from analysis.load import StudyNotFoundError, download_grad_hist, load_mlflow, load_tune
+from analysis.load import (
+    StudyNotFoundError,
+    download_grad_hist,
+    download_text,
+    load_mlflow,
+    load_tune,
+)
 from analysis.summary import best_per_family, format_best
 from analysis.writer import Table, to_markdown, write_table
 from study import contract as C
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ("dataset", "model", "family", "variant", "batch_size", "best_lr",
+SUMMARY_COLUMNS = ("dataset", "model", "family", "variant", "batch_size", "best_lr", "edge",
                    C.TEST_ACCURACY, C.TRAIN_LOSS, "n_diverged")
 FIGURE_CAPTIONS = {
     "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; x = diverged).",
     "lr_bs_heatmaps": "Final test accuracy (%) over the LR × batch-size grid, per family.",
-    "learning_curves": "Learning curves per unit of work at each family's tuned setting.",
+    "learning_curves": "Learning curves at each family's tuned setting: test accuracy and "
+                       "train loss per gradient evaluation, test accuracy per training second "
+                       "(seed mean, band: ±1 std over seeds).",
     "variance": "Variance and normalized variance of each family's step direction "
-                "(Faghri et al.).",
+                "(var/dir_*, solid) beside plain SGD's gradient at the same weights "
+                "(var/sgd_*, dotted), against examples seen (Faghri et al.).",
     "grad_histograms": "Histograms of |gradient entries| over training (log-log).",
-    "performance_profiles": "Performance profiles of the cost to reach the target (AlgoPerf).",
+    "performance_profiles": "Performance profiles of the cost to reach the validation target "
+                            "(AlgoPerf); with few problems ρ takes few values.",
 }
 
 
@@ -128,8 +139,33 @@ def _intro(trials, select, quote: str = "`") -> str:
     return text
 
 
-def _write_index_md(out, study, trials, select, sections, table_list, figs):
-    lines = [f"# Study `{study}`", "", _intro(trials, select), ""]
+def study_claims(trials, spec: str | Path | None = None) -> list[dict]:
+    """The claims of ``spec`` (a spec file) when given, else of the spec the sweep logged on
+    its parent run (MLflow); none for a Tune folder without a spec."""
+    if spec is not None:
+        return claims_mod.claims_of(Path(spec).read_text())
+    if trials.attrs.get("source") == "mlflow":
+        return claims_mod.claims_of(download_text(
+            trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"], C.SPEC_ARTIFACT))
+    return []
+
+
+PROTOCOL_TITLE = "Protocol checks"
+
+
+def _protocol_lines(warnings: list[str]) -> list[str]:
+    return warnings or ["Every check passed: equal tuning budgets, tuned LRs inside their "
+                        "grids, several seeds, like compared with like."]
+
+
+def _write_index_md(out, study, trials, select, sections, table_list, figs, opening, warnings):
+    lines = [f"# Study `{study}`", ""]
+    for table in opening:  # the claims first: what the study set out to show
+        links = " · ".join(f"[{p.name}]({p.relative_to(out).as_posix()})"
+                           for p in table.paths.values())
+        lines += [f"## {table.title}", "", table.note, "", links, "", to_markdown(table.frame)]
+    lines += [f"## {PROTOCOL_TITLE}", ""] + [f"- {w}" for w in _protocol_lines(warnings)]
+    lines += ["", _intro(trials, select), ""]
     for _, title, note, files, frame in sections:
         links = " · ".join(f"[{p.name}]({p.relative_to(out).as_posix()})" for p in files)
         lines += [f"## {title}", "", note, "", links, "", to_markdown(frame)]
@@ -147,31 +183,40 @@ def _write_index_md(out, study, trials, select, sections, table_list, figs):
     (out / "index.md").write_text("\n".join(lines))
 
 
-def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float]) -> None:
-    """The report folder under ``report/`` on the parent run, the best metrics and the run's
-    description beside it."""
+def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float],
+                   tags: dict[str, str] | None = None) -> None:
+    """The report folder under ``report/`` on the parent run, the best metrics, the claims'
+    values and verdicts and the run's description beside it."""
     if trials.attrs.get("source") != "mlflow":
         return
     from mlflow import MlflowClient
 
     uri, parent = trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"]
     MlflowClient(tracking_uri=uri).log_artifacts(parent, str(out), artifact_path=C.REPORT_DIR)
-    summary.log_summary(uri, parent, metrics, note)
+    summary.log_summary(uri, parent, metrics, note, tags)
 
 
 def make_report(study: str, tracking_uri: str | None = None, results_dir=None, out_dir=None,
                 select: str = C.VAL_ACCURACY, log_to_mlflow: bool = True,
                 parent_run_id: str | None = None, tolerance: float = 0.01,
-                target_fraction: float = 0.9) -> Path:
-    """Write the study's report folder (default ``reports/<study>``) and return its path."""
+                target_fraction: float = 0.9, spec: str | Path | None = None) -> Path:
+    """Write the study's report folder (default ``reports/<study>``) and return its path.
+    ``spec``: a spec file whose ``claims:`` to judge (default: the sweep's own spec)."""
     trials, metrics = load_study(study, tracking_uri, results_dir, parent_run_id)
     if trials.empty:
         raise StudyNotFoundError(f"study {study!r}: the sweep has no trials to report on")
     out = Path(out_dir or Path("reports") / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
     select = tables.resolve_select(trials, select)
-    table_list = [write_table(t, out / "tables") for t in tables.all_tables(
-        trials, metrics, select, tolerance=tolerance, target_fraction=target_fraction)]
+    table_list = [write_table(t, out / "tables") for t in [
+        *tables.all_tables(trials, metrics, select, tolerance=tolerance,
+                           target_fraction=target_fraction),
+        protocol.budget_table(trials), protocol.comparison_table(trials, select)]]
+    warnings = (protocol.protocol_warnings(trials, select)
+                + protocol.measurement_warnings(trials, metrics))
+    results = claims_mod.evaluate(study_claims(trials, spec), trials, metrics, select)
+    claims_table = claims_mod.claims_table(results)
+    claims_table.paths = {"csv": claims_mod.claims_csv(results, out / C.CLAIMS_ARTIFACT)}
     best_lr = next(t for t in table_list if t.name == "best_lr").frame
     summary_table = summary_frame(best_lr)
     summary_table.to_csv(out / "summary.csv", index=False)
@@ -190,13 +235,16 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     best = tables.best_settings(trials, select)
     cost = tables.cost_to_target_frame(trials, metrics, select, target_fraction=target_fraction)
     figs = make_figures(trials, metrics, best, cost, out / "figures")
-    _write_index_md(out, study, trials, select, sections, table_list, figs)
+    _write_index_md(out, study, trials, select, sections, table_list, figs, [claims_table],
+                    warnings)
     write_index_html(out, study=study, intro=_intro(trials, select, quote=""),
                      sections=sections, table_list=table_list, figs=figs,
-                     captions=FIGURE_CAPTIONS)
+                     captions=FIGURE_CAPTIONS, opening=[claims_table],
+                     warnings=(PROTOCOL_TITLE, _protocol_lines(warnings)))
     if log_to_mlflow:
+        claim_values, claim_tags = claims_mod.claim_metrics(results)
         _log_to_mlflow(trials, out, summary.description(study, trials, best_rows, select),
-                       summary.best_metrics(best_rows))
+                       {**summary.best_metrics(best_rows), **claim_values}, claim_tags)
     log.info("report for %s written to %s", study, out)
     return out
 

@@ -20,7 +20,7 @@ from analysis.writer import format_value, to_markdown
 from study import contract as C
 
 BEST_FILE = "best.csv"
-BEST_COLUMNS = ("dataset", "model", "family", "variant", "arm", "lr", "batch_size",
+BEST_COLUMNS = ("dataset", "model", "family", "variant", "arm", "lr", "edge", "batch_size",
                 C.VAL_ACCURACY, C.TEST_ACCURACY, "n_seeds")
 BEST_METRICS = (C.VAL_ACCURACY, C.TEST_ACCURACY)
 _MAX_NOTE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -129,8 +129,9 @@ def description(study: str, trials: pd.DataFrame, best: pd.DataFrame, select: st
 
 
 def log_summary(tracking_uri: str | None, parent_run_id: str, metrics: dict[str, float],
-                note: str) -> None:
-    """Log the best metrics (step 0) and the description on the study's parent run."""
+                note: str, tags: dict[str, str] | None = None) -> None:
+    """Log the best metrics (step 0), the description and ``tags`` (claim verdicts) on the
+    study's parent run."""
     import time
 
     from mlflow import MlflowClient
@@ -143,5 +144,6 @@ def log_summary(tracking_uri: str | None, parent_run_id: str, metrics: dict[str,
     now = int(time.time() * 1000)
     entries = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for i in range(0, max(len(entries), 1), 1000):  # log_batch takes at most 1000 metrics
+        first = [RunTag(C.TAG_NOTE, note)] + [RunTag(k, v) for k, v in (tags or {}).items()]
         client.log_batch(parent_run_id, metrics=entries[i:i + 1000],
-                         tags=[RunTag(C.TAG_NOTE, note)] if i == 0 else [])
+                         tags=first if i == 0 else [])

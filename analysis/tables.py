@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis import stats
+from analysis.grid import EDGE, with_edge
 from analysis.writer import Table
 from study import contract as C
 
@@ -92,9 +94,13 @@ def _pick(settings: pd.DataFrame, by: list[str], select: str) -> pd.DataFrame:
 
 def best_settings(trials: pd.DataFrame, select: str = C.VAL_ACCURACY,
                   by=("dataset", "model", "family")) -> pd.DataFrame:
-    """The tuned setting (variant, batch size, LR) of each family on each problem."""
+    """The tuned setting (variant, batch size, LR) of each family on each problem, with the
+    ``edge`` of its LR grid it sits on ("low", "high", "only" or "")."""
     settings = aggregate_settings(trials, select)
-    return _pick(settings, keys_in(settings, by), settings.attrs["select"])
+    best = _pick(settings, keys_in(settings, by), settings.attrs["select"])
+    best = with_edge(best, trials)
+    best.loc[best["score"].isna(), EDGE] = ""
+    return best
 
 
 def best_lr_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
@@ -106,38 +112,36 @@ def best_lr_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
         n_lr=("lr", "nunique"), n_diverged=("n_diverged", "sum")).reset_index()
     best = best.drop(columns=["n_diverged"]).merge(grid, on=groups)
     best["best_lr"] = best["lr"].where(best["score"].notna())
-    cols = groups + ["best_lr"] + keys_in(best, REPORTED) + ["n_seeds", "n_lr", "n_diverged"]
+    best = with_edge(best, trials, "best_lr")
+    cols = groups + ["best_lr", EDGE] + keys_in(best, REPORTED) + ["n_seeds", "n_lr",
+                                                                   "n_diverged"]
     rule = f"{SELECTIONS[select]} final {select}"
     return Table("best_lr", f"Best learning rate per setting (selected by {rule})",
                  drop_redundant_arm(best[cols]),
                  "Seed means at the selected LR (a setting where any seed diverged is never "
-                 "selected); best_lr is '–' when every LR diverged.")
+                 "selected); best_lr is '–' when every LR diverged. edge: the best LR is the "
+                 "lowest ('low') or highest ('high') LR tried, or the only one: extend the grid.")
 
 
 def final_accuracy_long(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> pd.DataFrame:
-    """Final test accuracy of each family at its tuned setting: mean, std (ddof=1), n seeds."""
+    """Final test accuracy of each family at its tuned setting: mean, std (ddof=1), the
+    95% t-interval over seeds (``analysis.stats.mean_ci``), n seeds and the grid edge."""
     best = best_settings(trials, select)
     runs = trials.set_index("run_id")
+    names = keys_in(best, PROBLEM_KEYS + ("family", "variant", "arm", "batch_size", "lr",
+                                         EDGE))
     rows = []
     for _, row in best.iterrows():
         tuned = pd.notna(row["score"]) and C.TEST_ACCURACY in runs  # NaN: every LR diverged
-        acc = runs.loc[row["run_ids"], C.TEST_ACCURACY] if tuned else []
-        rows.append({**{k: row[k] for k in keys_in(best, PROBLEM_KEYS + ("family", "arm",
-                                                                          "batch_size", "lr"))},
-                     "mean": float(np.mean(acc)) if len(acc) else np.nan,
+        acc = runs.loc[row["run_ids"], C.TEST_ACCURACY].dropna() if tuned else []
+        est = stats.mean_ci(acc)
+        rows.append({**{k: row[k] for k in names}, "mean": est.value,
                      "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else np.nan,
-                     "n_seeds": len(acc)})
-    return pd.DataFrame(rows, columns=keys_in(best, PROBLEM_KEYS + ("family", "arm",
-                                                                   "batch_size", "lr"))
-                        + ["mean", "std", "n_seeds"])
+                     "ci_low": est.low, "ci_high": est.high, "n_seeds": len(acc)})
+    return pd.DataFrame(rows, columns=names + ["mean", "std", "ci_low", "ci_high", "n_seeds"])
 
 
-def _mean_std(mean, std, n) -> str:
-    if np.isnan(mean):
-        return "–"
-    if n < 2:
-        return f"{100 * mean:.2f} (n=1)"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+FINAL_COLUMN = "test accuracy (%): mean ± 95% CI"
 
 
 def final_accuracy_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
@@ -149,14 +153,16 @@ def final_accuracy_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> 
         return note_table("final_test_accuracy", "Final test accuracy",
                           "no trial is a result (every trial errored, was interrupted or is "
                           "still running)")
-    long["cell"] = [_mean_std(m, s, n) for m, s, n in zip(long["mean"], long["std"],
-                                                          long["n_seeds"])]
-    rows = keys_in(long, PROBLEM_KEYS)
-    wide = long.pivot(index=rows, columns="family", values="cell").reset_index()
-    wide.columns.name = None
+    long[FINAL_COLUMN] = [
+        stats.fmt(stats.Estimate(m, lo, hi, n, note=stats.NO_CI).scaled(100))
+        for m, lo, hi, n in zip(long["mean"], long["ci_low"], long["ci_high"], long["n_seeds"])]
+    cols = [c for c in long.columns if c not in ("mean", "std", "ci_low", "ci_high")]
+    cols.remove("n_seeds")
     return Table("final_test_accuracy", "Final test accuracy (%) at each family's tuned setting",
-                 wide, "Mean ± std over seeds (sample std) at the setting selected by "
-                       f"{resolve_select(trials, select)}; rows: dataset × model.")
+                 drop_redundant_arm(long[cols + ["n_seeds"]]),
+                 f"{stats.MEAN_CI} (two-sided 95% t-interval, df = n−1) at the setting "
+                 f"selected by {resolve_select(trials, select)}; 'no CI' with one seed. edge: "
+                 "the tuned LR is on the edge of its grid.")
 
 
 def tuneability_table(trials: pd.DataFrame, metric: str | None = None,
@@ -193,10 +199,15 @@ def _first_reach(history: pd.DataFrame, metric: str, target: float) -> pd.DataFr
     return out.fillna({C.GRAD_EVALS: np.inf, C.TIME_S: np.inf, "step": np.inf})
 
 
-def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_ACCURACY,
+def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.VAL_ACCURACY,
                          target_fraction=0.9, target=None) -> pd.DataFrame:
     """AlgoPerf time-to-target per problem × family: at the tuned setting (median over seeds,
-    a seed that misses counts as ∞) and the fastest trial anywhere in the family's grid."""
+    a seed that misses counts as ∞) and the fastest trial anywhere in the family's grid. The
+    target is set and reached on validation data (AlgoPerf's targets are validation targets):
+    a test metric is refused, since choosing on test data leaks it into the result."""
+    if metric.startswith("test_"):
+        raise ValueError(f"cost to target on {metric}: targets are set on validation (or "
+                         "training) metrics, never on test data")
     if metrics.empty or metric not in set(metrics["key"]):
         return pd.DataFrame()
     problems = keys_in(trials, PROBLEM_KEYS)
@@ -219,7 +230,7 @@ def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_A
             rows.append({**dict(zip(problems, problem)), "family": setting["family"],
                          "variant": setting.get("variant", "default"),
                          "arm": setting["arm"], "batch_size": setting["batch_size"],
-                         "lr": setting["lr"], "target": goal,
+                         "lr": setting["lr"], EDGE: setting.get(EDGE, ""), "target": goal,
                          "reached": f"{int(np.isfinite(mine['grad_evals']).sum())}/{len(mine)}",
                          "grad_evals_to_target": float(np.median(mine[C.GRAD_EVALS]))
                          if len(mine) else np.inf,
@@ -230,12 +241,13 @@ def cost_to_target_frame(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_A
     return pd.DataFrame(rows)
 
 
-def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.TEST_ACCURACY,
+def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.VAL_ACCURACY,
                          target_fraction=0.9, target=None) -> Table:
     frame = cost_to_target_frame(trials, metrics, select, metric, target_fraction, target)
     if frame.empty:
         return note_table("cost_to_target", "Cost to reach the target",
-                          f"no {metric} history of a finished, stopped or diverged trial")
+                          f"no {metric} history of a finished, stopped or diverged trial "
+                          "(targets are set on validation data, never on test data)")
     goal = (f"{target:g}" if target is not None
             else f"{target_fraction:g} × the best {metric} any trial reached")
     return Table("cost_to_target", f"Cost to reach {metric} ≥ target ({goal})",
@@ -277,11 +289,14 @@ def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
     problems = keys_in(trials, PROBLEM_KEYS)
     best = best_settings(trials, select)
     ok = trials[trials["status"].isin(set(C.RESULT_STATUSES) - {C.DIVERGED})]
-    noise = metrics[(metrics["key"] == key) & metrics["run_id"].isin(ok["run_id"])]
+    noise = _mark_capped(metrics[metrics["run_id"].isin(ok["run_id"])], key)
     noise = noise.merge(trials[["run_id", "family"] + problems], on="run_id")
+    capped = noise[noise["at_cap"]]
+    noise = noise[~noise["at_cap"]]   # at the cap: a bound, not a measurement
     rows = []
     for _, setting in best.iterrows():
         mine = noise[noise["run_id"].isin(setting["run_ids"])]["value"]
+        n_capped = int(capped["run_id"].isin(setting["run_ids"]).sum())
         fam = noise
         for col in problems + ["family"]:
             fam = fam[fam[col] == setting[col]]
@@ -292,10 +307,11 @@ def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
                      "b_simple_median_tuned": mine.median() if len(mine) else np.nan,
                      "b_simple_q25_tuned": mine.quantile(0.25) if len(mine) else np.nan,
                      "b_simple_q75_tuned": mine.quantile(0.75) if len(mine) else np.nan,
+                     "n_at_cap_tuned": n_capped,
                      "b_simple_median_all_runs": fam["value"].median(),
                      "n_measurements": len(fam),
                      "best_batch_size": setting["batch_size"] if pd.notna(setting["score"])
-                     else np.nan,
+                     else np.nan, "lr": setting["lr"], EDGE: setting.get(EDGE, ""),
                      "batch_size_grid": " ".join(str(b) for b in grid)})
     if not rows:
         return note_table("critical_batch_size", title, "no trial is a result")
@@ -303,9 +319,21 @@ def critical_batch_table(trials, metrics, select=C.VAL_ACCURACY,
                  "b_simple_pooled_tuned = mean tr(Σ) / mean |G|² over every measurement of "
                  "the tuned setting (McCandlish et al. average numerator and denominator "
                  "before the ratio; 'inf' = the mean unbiased |G|² estimate is not positive, "
-                 "noise swamps the signal). The medians are of the per-measurement "
-                 "var/noise_scale, which cannot exceed the examples one measurement uses "
-                 "(IQR beside it; also over all non-diverged runs of the family).")
+                 "noise swamps the signal): this is the measurement. The medians (IQR beside "
+                 "them; also over all non-diverged runs of the family) are of the "
+                 "per-measurement var/noise_scale, which cannot exceed the examples one "
+                 "measurement uses (var/noise_examples): measurements at that cap are bounds, "
+                 "not values, and are left out (n_at_cap_tuned counts them).")
+
+
+def _mark_capped(metrics: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The ``key`` measurements with ``at_cap``: the value sits at the probe's example count
+    (``var/noise_examples`` at the same step), where B_simple saturates."""
+    noise = metrics[metrics["key"] == key]
+    cap = metrics[metrics["key"] == C.NOISE_EXAMPLES][["run_id", "step", "value"]]
+    noise = noise.merge(cap.rename(columns={"value": "cap"}), on=["run_id", "step"], how="left")
+    noise["at_cap"] = noise["cap"].notna() & (noise["value"] >= noise["cap"] * (1 - 1e-9))
+    return noise
 
 
 def _pooled_noise_scale(metrics, run_ids) -> float:
@@ -318,7 +346,7 @@ def _pooled_noise_scale(metrics, run_ids) -> float:
 
 
 def all_tables(trials, metrics, select=C.VAL_ACCURACY, tolerance=0.01, target_fraction=0.9,
-               target_metric=C.TEST_ACCURACY) -> list[Table]:
+               target_metric=C.VAL_ACCURACY) -> list[Table]:
     return [best_lr_table(trials, select), final_accuracy_table(trials, select),
             tuneability_table(trials, tolerance=tolerance),
             cost_to_target_table(trials, metrics, select, target_metric, target_fraction),

@@ -73,6 +73,28 @@ SPEC_ARTIFACT = "spec.yaml"           # the study spec, on the parent run
 GRID_ARTIFACT = "grid.json"           # the resolved trial list (grid search), on the parent run
 REPORT_DIR = "report"                 # the report folder, on the parent run
 
+# -- claims: a spec's ``claims:`` names a statistic the analysis computes from the runs --------
+# (analysis/claim_stats.py: one function per name). name -> (required, optional) parameters.
+CLAIM_STATISTICS = {
+    "best_test_accuracy": (("family",), ("model", "dataset")),
+    "accuracy_difference": (("family",), ("baseline", "model", "dataset")),
+    "variance_ratio_late_early": (("estimator", "family"), ("model", "dataset")),
+    "fraction_of_training_between": (("lower", "upper", "value", "family"), ("model", "dataset")),
+    "rank_correlation": (("x", "y"), ("family", "model", "dataset")),
+}
+CLAIM_COMPARES = (">", "<", ">=", "<=", "within")
+HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+CLAIMS_ARTIFACT = "claims.csv"        # in the report folder (report/claims.csv on the parent)
+# the report's figures, by name (a claim's optional ``figure``)
+REPORT_FIGURES = ("lr_sensitivity", "lr_bs_heatmaps", "learning_curves", "variance",
+                  "grad_histograms", "performance_profiles")
+
+
+def claim_metric(name: str, what: str) -> str:
+    """``claim/<name>/<what>``: value, ci_low, ci_high (metrics), verdict (a tag)."""
+    return f"claim/{name}/{what}"
+
+
 # -- the Optuna search space's learning-rate parameter (one per family) --------------------------
 
 

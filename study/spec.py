@@ -28,6 +28,7 @@ from study.plugins import import_plugin
 from study.plugins import resolve as resolve_plugin
 from study.spec_sections import (  # DatasetSpec is re-exported: callers import it from here
     INPUT_SHAPES,
+    ClaimSpec,
     DatasetSpec,
     FamilySpec,
     LRGrid,
@@ -72,6 +73,7 @@ class Spec(Strict):
     storage: str = "results"
     max_failures: int = Field(2, ge=0)
     plugins: list[str] = []                  # extra modules registering optimizer families
+    claims: list[ClaimSpec] = []             # what the study should show (analysis/claims.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +139,30 @@ class Spec(Strict):
                         _check_options(cls_, variant, {key: v})
             out[name] = fam
         return out
+
+    @model_validator(mode="after")
+    def _claims_name_this_study(self):
+        """A claim's names (families, models, dataset) are this study's; its name is unique."""
+        names = {"family": set(self.families), "baseline": set(self.families),
+                 "model": {m.name for m in self.models}, "dataset": {self.dataset.name}}
+        seen = set()
+        for i, claim in enumerate(self.claims):
+            if claim.name in seen:
+                raise Problem(f"a second claim of that name (got {claim.name!r})",
+                              f"claims.{i}.name")
+            seen.add(claim.name)
+            for key, known in names.items():
+                value = claim.params.get(key)
+                if value is not None and value not in known:
+                    raise Problem(f"no {key} {value!r} in this study; it has "
+                                  f"{', '.join(sorted(known))}", f"claims.{i}.params.{key}")
+            required, optional = contract.CLAIM_STATISTICS[claim.statistic]
+            tuned = "family" in required          # picks a family's tuned setting on one model
+            if tuned and "model" in optional and "model" not in claim.params and len(
+                    names["model"]) > 1:
+                raise Problem(f"the study has models {', '.join(sorted(names['model']))}: "
+                              "name one", f"claims.{i}.params.model")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits(self):

@@ -95,10 +95,11 @@ def default_outcome(model, family, lr, batch_size, seed):
 
 
 def build_store(root: Path, with_hist: bool = True, tracking_uri: str | None = None,
-                outcome=default_outcome) -> str:
+                outcome=default_outcome, spec_text: str | None = None) -> str:
     """Create the store under ``root`` (or in the tracking server at ``tracking_uri``, which
     keeps its own artifacts); returns its tracking URI. ``outcome(model, family, lr,
-    batch_size, seed)`` gives a trial's status tag, or (status tag, MLflow run status)."""
+    batch_size, seed)`` gives a trial's status tag, or (status tag, MLflow run status).
+    ``spec_text`` is logged as the parent's spec artifact, as a sweep logs its spec."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -111,6 +112,11 @@ def build_store(root: Path, with_hist: bool = True, tracking_uri: str | None = N
         C.TAG_KIND: C.KIND_STUDY, C.TAG_STUDY: STUDY})
     client.log_batch(parent.info.run_id, params=[Param("dataset", "mnist1d"),
                                                  Param("epochs", str(EPOCHS))])
+    if spec_text is not None:
+        spec_file = root / "tmp_spec" / C.SPEC_ARTIFACT
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(spec_text)
+        client.log_artifact(parent.info.run_id, str(spec_file))
     rng = np.random.default_rng(0)
     for model in MODELS:
         for family, lrs in LRS.items():

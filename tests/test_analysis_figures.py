@@ -92,10 +92,12 @@ def test_heatmap_cells_cover_the_grid(study, tmp_path):
 
 def test_learning_and_variance_curves_one_line_per_family_and_quantity(study, tmp_path):
     _, _, metrics, best = study
-    for draw in (figures.learning_curves, figures.variance_curves):
+    # learning: accuracy and loss per gradient evaluation, accuracy per second; variance:
+    # var and nvar of the direction, each beside plain SGD's at the same weights
+    for draw, per_family in ((figures.learning_curves, 3), (figures.variance_curves, 4)):
         result = draw(metrics, best, tmp_path)
         _check_png(result)
-        assert result.n_series == N_PROBLEMS * N_FAMILIES * 2
+        assert result.n_series == N_PROBLEMS * N_FAMILIES * per_family
     no_var = metrics[~metrics["key"].str.startswith("var/")]
     skipped = figures.variance_curves(no_var, best, tmp_path / "novar")
     assert skipped.path is None and "var/dir_var" in skipped.reason

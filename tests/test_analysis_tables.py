@@ -54,7 +54,7 @@ def synthetic_metrics() -> pd.DataFrame:
     for run_id, accs in curves.items():
         for i, acc in enumerate(accs):
             step = 10 * (i + 1)
-            rows += [(run_id, "test_accuracy", step, acc),
+            rows += [(run_id, "val_accuracy", step, acc),
                      (run_id, "grad_evals", step, 320.0 * (i + 1)),
                      (run_id, "time_s", step, float(i + 1))]
     for run_id, values in {"s3": [10, 20, 30], "s4": [40, 50, 60]}.items():
@@ -107,10 +107,13 @@ def test_final_accuracy_mean_and_sample_std_over_seeds():
     sgd = _row(long, family="sgd")
     assert sgd["mean"] == pytest.approx(0.80)
     assert sgd["std"] == pytest.approx(np.std([0.78, 0.82], ddof=1))
-    wide = tables.final_accuracy_table(synthetic_trials()).frame
-    assert list(wide.columns) == ["dataset", "model", "adam", "sgd"]
-    assert wide.loc[0, "sgd"] == "80.00 ± 2.83"
-    assert wide.loc[0, "adam"] == "86.00 ± 2.83"
+    # 95% t-interval with n = 2: t(0.975, df=1) = 12.7062, s/sqrt(2) = 0.02 -> ± 25.4 points
+    assert sgd["ci_high"] - sgd["mean"] == pytest.approx(12.7062 * 0.02, rel=1e-4)
+    final = tables.final_accuracy_table(synthetic_trials()).frame
+    assert list(final.columns) == ["dataset", "model", "family", "variant", "batch_size", "lr",
+                                   "edge", tables.FINAL_COLUMN, "n_seeds"]
+    assert _row(final, family="sgd")[tables.FINAL_COLUMN] == "80.0 ± 25.4"
+    assert _row(final, family="adam")[tables.FINAL_COLUMN] == "86.0 ± 25.4"
 
 
 def test_tuneability_share_of_grid_within_tolerance():
@@ -133,6 +136,15 @@ def test_cost_to_target_first_step_median_over_seeds_and_not_reached():
     md = to_markdown(tables.cost_to_target_table(
         synthetic_trials(), synthetic_metrics(), target=0.65).frame)
     assert "not reached" in md
+
+
+def test_cost_to_target_is_never_set_on_test_data():
+    with pytest.raises(ValueError, match="never on test data"):
+        tables.cost_to_target_frame(synthetic_trials(), synthetic_metrics(),
+                                    metric="test_accuracy")
+    no_val = synthetic_metrics().replace({"key": {"val_accuracy": "test_accuracy"}})
+    table = tables.cost_to_target_table(synthetic_trials(), no_val)
+    assert list(table.frame.columns) == ["note"] and "never on test data" in table.note
 
 
 def test_cost_to_target_default_is_a_fraction_of_the_best_accuracy_reached():
@@ -178,7 +190,7 @@ def test_every_table_survives_a_study_whose_every_trial_has_one_status(status):
     assert (counts[status] == counts["total"]).all() and counts["total"].sum() == len(trials)
     final = result[1].frame
     if status == C.STOPPED:  # results: the same answers as finished trials
-        assert final.loc[0, "sgd"] == "80.00 ± 2.83"
+        assert _row(final, family="sgd")[tables.FINAL_COLUMN] == "80.0 ± 25.4"
         assert _row(result[0].frame, family="adam")["best_lr"] == 1e-3
     else:
         assert list(final.columns) == ["note"]
@@ -257,8 +269,9 @@ def test_load_tune_reads_grid_and_optuna_configs_results_and_error_marker(tmp_pa
 def test_a_family_whose_every_lr_diverged_has_no_tuned_accuracy():
     trials = synthetic_trials()
     trials.loc[trials["family"] == "sgd", "status"] = "diverged"
-    wide = tables.final_accuracy_table(trials).frame
-    assert wide.loc[0, "sgd"] == "–" and wide.loc[0, "adam"] == "86.00 ± 2.83"
+    final = tables.final_accuracy_table(trials).frame
+    assert _row(final, family="sgd")[tables.FINAL_COLUMN] == "–"
+    assert _row(final, family="adam")[tables.FINAL_COLUMN] == "86.0 ± 25.4"
 
 
 def test_pooled_noise_scale_averages_numerator_and_denominator_before_the_ratio():
@@ -271,3 +284,19 @@ def test_pooled_noise_scale_averages_numerator_and_denominator_before_the_ratio(
     assert tables._pooled_noise_scale(metrics, ["r1"]) == pytest.approx(12.0)
     assert tables._pooled_noise_scale(metrics, ["r2"]) == np.inf
     assert np.isnan(tables._pooled_noise_scale(metrics, ["r3"]))
+
+
+def test_noise_scale_at_the_probe_cap_is_a_bound_not_a_measurement():
+    """var/noise_scale cannot exceed var/noise_examples: s3's 30 and s4's 60 sit at that cap
+    and leave the median (of 10, 20, 40, 50 = 30, not 35 over all six) and are counted."""
+    metrics = synthetic_metrics()
+    caps = [(run, "var/noise_examples", 5 * (k + 1), cap) for run, cap in (("s3", 30.0),
+                                                                           ("s4", 60.0))
+            for k in range(3)]
+    metrics = pd.concat([metrics, pd.DataFrame(caps, columns=metrics.columns)])
+    sgd = _row(tables.critical_batch_table(synthetic_trials(), metrics).frame, family="sgd")
+    assert sgd["b_simple_median_tuned"] == 30.0 and sgd["n_at_cap_tuned"] == 2
+    assert sgd["n_measurements"] == 4
+    uncapped = _row(tables.critical_batch_table(synthetic_trials(), synthetic_metrics()).frame,
+                    family="sgd")
+    assert uncapped["b_simple_median_tuned"] == 35.0 and uncapped["n_at_cap_tuned"] == 0

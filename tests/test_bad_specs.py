@@ -31,6 +31,11 @@ VALID = {
 }
 
 
+CLAIM = {"name": "sgd_learns", "source": "MNIST-1D paper, Table 1",
+         "statistic": "best_test_accuracy", "params": {"family": "sgd"}, "compare": ">",
+         "threshold": 50, "figure": "lr_sensitivity"}
+
+
 def broken(path: str, value) -> dict:
     """VALID with the field at dotted ``path`` set to ``value``."""
     spec = copy.deepcopy(VALID)
@@ -129,6 +134,27 @@ CASES = [
     ("family lr text", "families.sgd.lr", "fast", "families.sgd.lr", "(got 'fast')"),
     ("family lr range high<low", "families.sgd.lr", {"low": 1.0, "high": 0.01, "num": 3},
      "families.sgd.lr.high", "(got 0.01)"),
+    *[(f"claim: {case}", "claims", [{**CLAIM, **change}], field, value)
+      for case, change, field, value in [
+          ("unknown statistic", {"statistic": "best_acc"}, "claims.0.statistic", "best_acc"),
+          ("missing parameter", {"params": {}}, "claims.0.params", "needs family"),
+          ("unknown parameter", {"params": {"family": "sgd", "colour": "red"}},
+           "claims.0.params.colour", "red"),
+          ("family not in the study", {"params": {"family": "snr"}},
+           "claims.0.params.family", "snr"),
+          ("bad compare", {"compare": "=>"}, "claims.0.compare", "=>"),
+          ("within needs two numbers", {"compare": "within", "threshold": 50},
+           "claims.0.threshold", "50"),
+          ("threshold not a number", {"threshold": "high"}, "claims.0.threshold", "high"),
+          ("unknown figure", {"figure": "scatter"}, "claims.0.figure", "scatter"),
+          ("not a variance key", {"statistic": "variance_ratio_late_early",
+                                  "params": {"family": "sgd", "estimator": "dir"}},
+           "claims.0.params.estimator", "dir"),
+          ("not a metric", {"statistic": "rank_correlation",
+                            "params": {"x": "test_accuracy", "y": "loss"}},
+           "claims.0.params.y", "loss"),
+          ("name not plain", {"name": "a/b"}, "claims.0.name", "a/b"),
+      ]],
 ]
 
 
@@ -144,6 +170,38 @@ def test_bad_spec_names_field_and_value(case, path, value, field, shown):
     message = str(err.value)
     assert field in message, message
     assert shown in message, message
+
+
+def test_a_spec_with_claims_is_valid_and_keeps_them():
+    spec = parse_spec(broken("claims", [CLAIM, {**CLAIM, "name": "within", "compare": "within",
+                                                "threshold": [40, 100]}]))
+    assert [c.name for c in spec.claims] == ["sgd_learns", "within"]
+    assert spec.claims[1].threshold == [40, 100]
+
+
+def test_claims_are_checked_against_the_study():
+    with pytest.raises(SpecError, match=r"claims\.1\.name: a second claim of that name"):
+        parse_spec(broken("claims", [CLAIM, CLAIM]))
+    two_models = broken("claims", [CLAIM])
+    two_models["models"] = [{"name": "mlp", "widths": [32]}, {"name": "cnn"}]
+    with pytest.raises(SpecError, match=r"claims\.0\.params\.model: the study has models cnn, "
+                                        "mlp: name one"):
+        parse_spec(two_models)
+    named = broken("claims", [{**CLAIM, "params": {"family": "sgd", "model": "cnn"}}])
+    named["models"] = two_models["models"]
+    assert parse_spec(named).claims[0].params["model"] == "cnn"
+
+
+def test_every_statistic_of_the_contract_is_computed_by_the_analysis():
+    """A name a spec may use (study.contract) is a function of analysis.claim_stats, with the
+    same parameters: a spec that validates can always be judged."""
+    from analysis.claim_stats import STATISTICS
+    from study import contract
+
+    assert set(STATISTICS) == set(contract.CLAIM_STATISTICS)
+    for name, (required, optional) in contract.CLAIM_STATISTICS.items():
+        code = STATISTICS[name].fn.__code__
+        assert code.co_varnames[1:code.co_argcount] == required + optional, name
 
 
 def test_missing_required_field_is_named():

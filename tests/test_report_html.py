@@ -76,18 +76,19 @@ def test_report_folder_has_every_table_figure_and_summary(report):
     for name in ("index.md", "index.html", "summary.md", "summary.csv", "best.csv"):
         assert (out / name).stat().st_size > 0, name
     for table in ("best_lr", "final_test_accuracy", "tuneability", "cost_to_target",
-                  "trial_counts", "critical_batch_size"):
+                  "trial_counts", "critical_batch_size", "tuning_budget", "baseline_comparison"):
         for ext in ("csv", "md", "tex"):
             assert (out / "tables" / f"{table}.{ext}").exists(), (table, ext)
     pngs = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert pngs == sorted(["lr_sensitivity", "lr_bs_heatmaps", "learning_curves", "variance",
                            "grad_histograms", "performance_profiles"])
     summary = (out / "summary.csv").read_text().splitlines()
-    assert summary[0] == ("dataset,model,family,variant,batch_size,best_lr,test_accuracy,"
+    assert summary[0] == ("dataset,model,family,variant,batch_size,best_lr,edge,test_accuracy,"
                           "train_loss,n_diverged")
     assert len(summary) == 1 + len(store.MODELS) * len(store.FAMILIES) * 2
     md = (out / "index.md").read_text()
-    assert md.count("![") == 6 and "| adam | sgd | svrg |" in md
+    assert md.count("![") == 6 and "| mnist1d | mlp | adam |" in md
+    assert md.startswith("# Study `demo`\n\n## Claims\n")
 
 
 def test_index_html_is_self_contained_and_index_md_links_resolve(report):
@@ -104,7 +105,8 @@ def test_index_html_is_self_contained_and_index_md_links_resolve(report):
         assert data == (out / "figures" / f"{name}.png").read_bytes(), name
     files = {p.name: p for p in out.rglob("*") if p.is_file()}
     downloads = [(href, name) for href, name in parser.links if not href.startswith("#")]
-    assert len(downloads) == 3 + 3 * 6  # best.csv, summary.csv/.md, each table's csv/md/tex
+    # claims.csv, best.csv, summary.csv/.md, each table's csv/md/tex
+    assert len(downloads) == 1 + 3 + 3 * 8
     for href, name in downloads:
         mime, data = _data(href)
         assert name in files and data == files[name].read_bytes(), name
@@ -115,7 +117,7 @@ def test_index_html_is_self_contained_and_index_md_links_resolve(report):
     assert not re.search(r"""(?:src|href)=['"](?!data:|#)""", (out / "index.html").read_text())
     md = (out / "index.md").read_text()
     targets = re.findall(r"\]\(([^)]+)\)", md)
-    assert len(targets) == 6 + 3 + 3 * 6
+    assert len(targets) == 6 + 1 + 3 + 3 * 8
     for target in targets:
         assert (out / target).is_file(), target
 
