@@ -198,3 +198,7 @@ def rank_correlation(ctx: Context, x, y, family=None, model=None,
     if math.isnan(est.value):
         raise Missing(f"Spearman's ρ of {x} and {y}: {est.note}")
     return est
+
+
+# statistics about speed to a target loss live beside these (registered on import)
+from analysis import claim_stats_speed  # noqa: E402,F401

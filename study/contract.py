@@ -81,6 +81,9 @@ CLAIM_STATISTICS = {
     "variance_ratio_late_early": (("estimator", "family"), ("model", "dataset")),
     "fraction_of_training_between": (("lower", "upper", "value", "family"), ("model", "dataset")),
     "rank_correlation": (("x", "y"), ("family", "model", "dataset")),
+    "speed_prediction_advantage": (("better", "worse", "target", "family"), ("model", "dataset")),
+    "critical_batch_over_noise_scale": (("target", "family"), ("model", "dataset")),
+    "noise_scale_growth": (("target", "family"), ("model", "dataset")),
 }
 CLAIM_COMPARES = (">", "<", ">=", "<=", "within")
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"

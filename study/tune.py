@@ -59,9 +59,9 @@ class StudyResult:
 
 
 def spec_hash(spec: Spec) -> str:
-    """What a resumed sweep must share with the stored one (raising the trial limit is not a
-    change of study)."""
-    dumped = spec.model_dump_json(exclude={"search": {"max_trials"}})
+    """What a resumed sweep must share with the stored one (raising the trial limit or adding a
+    claim is not a change of study)."""
+    dumped = spec.model_dump_json(exclude={"search": {"max_trials"}, "claims": True})
     return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
 
