@@ -7,7 +7,9 @@ SPACE  ?= search_spaces/default.yaml
 STUDY  ?= mnist1d_families
 PORT   ?= 5000
 
-.PHONY: install sweep report ui test test-quick bench lint clean
+REPRODUCE ?= mnist1d_paper faghri_variance critical_batch sngrad_table wtb_label_noise gradient_scales
+
+.PHONY: install sweep reproduce report ui test test-quick bench lint clean
 
 install: $(STAMP)
 
@@ -21,6 +23,13 @@ $(STAMP): pyproject.toml
 
 sweep: $(STAMP)            ## run (or resume) a study: make sweep SPACE=search_spaces/x.yaml [FRESH=1]
 	$(PY) -m study sweep $(SPACE) $(if $(FRESH),--fresh)
+
+reproduce: $(STAMP)        ## every reproduction study (resumable), then their claims table
+	@for study in $(REPRODUCE); do \
+		echo "== $$study"; \
+		$(PY) -m study sweep search_spaces/$$study.yaml $(if $(FRESH),--fresh) || exit $$?; \
+	done
+	@echo; echo "== claims"; $(PY) -m study claims $(REPRODUCE)
 
 report: $(STAMP)           ## tables + figures for a study: make report STUDY=mnist1d_families
 	$(PY) -m study report --study $(STUDY)

@@ -195,3 +195,26 @@ def claim_metrics(results: list[ClaimResult]) -> tuple[dict[str, float], dict[st
                 metrics[C.claim_metric(name, what)] = float(value)
         tags[C.claim_metric(name, "verdict")] = r.verdict
     return metrics, tags
+
+
+def format_claims(paths: list[Path]) -> str:
+    """The claims of several studies' ``claims.csv`` as one plain-text table (``make
+    reproduce`` prints it): study, claim, measured value with its interval, threshold,
+    verdict."""
+    rows = []
+    for path in paths:
+        frame = pd.read_csv(path)
+        for _, r in frame.iterrows():
+            ci = ("" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3g}, {r['ci_high']:.3g}]")
+            value = "–" if pd.isna(r["value"]) else f"{r['value']:.3g}{ci}"
+            threshold = json.loads(r["threshold"]) if isinstance(r["threshold"], str) else ""
+            verdict = r["verdict"] + (f" ({r['reason']})" if isinstance(r["reason"], str)
+                                      and r["reason"] else "")
+            rows.append((Path(path).parent.name, r["name"], value,
+                         f"{r['compare']} {threshold}", verdict))
+    if not rows:
+        return "no claims"
+    header = ("study", "claim", "measured [95% CI]", "threshold", "verdict")
+    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(4)]
+    return "\n".join("  ".join(str(x[i]).ljust(widths[i]) for i in range(4)) + "  " + x[4]
+                     for x in [header, *rows])

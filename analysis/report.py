@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import claims as claims_mod
+from analysis import figures_studies
 from analysis import figures, protocol, summary, tables
 
 # One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
@@ -44,6 +45,12 @@ FIGURE_CAPTIONS = {
                 "(var/dir_*, solid) beside plain SGD's gradient at the same weights "
                 "(var/sgd_*, dotted), against examples seen (Faghri et al.).",
     "grad_histograms": "Histograms of |gradient entries| over training (log-log).",
+    "estimators": "Variance and normalized variance of every estimator measured along one "
+                  "trajectory (the first seed of each tuned setting): the trial's update, SGD "
+                  "at B and the shadow estimators at the same weights (Faghri et al., Fig. 2).",
+    "critical_batch_front": "Steps against examples to the target training loss at each batch "
+                            "size's best lr, the fitted front (S/S_min − 1)(E/E_min − 1) = 1 "
+                            "and the batch size B_simple predicts (McCandlish et al., Fig. 3).",
     "performance_profiles": "Performance profiles of the cost to reach the validation target "
                             "(AlgoPerf); with few problems ρ takes few values.",
 }
@@ -109,7 +116,8 @@ def summary_frame(best_lr: pd.DataFrame) -> pd.DataFrame:
     return best_lr[[c for c in SUMMARY_COLUMNS if c in best_lr.columns]]
 
 
-def make_figures(trials, metrics, best, cost, out_dir: Path) -> dict[str, figures.FigureResult]:
+def make_figures(trials, metrics, best, cost, out_dir: Path, claims: list[dict] = ()
+                 ) -> dict[str, figures.FigureResult]:
     out_dir = Path(out_dir)
     results = {
         "lr_sensitivity": figures.lr_sensitivity(trials, out_dir),
@@ -118,6 +126,9 @@ def make_figures(trials, metrics, best, cost, out_dir: Path) -> dict[str, figure
         "variance": figures.variance_curves(metrics, best, out_dir),
         "grad_histograms": figures.grad_histograms(_grad_hists(trials, best), out_dir),
         "performance_profiles": figures.performance_profiles(cost, out_dir),
+        "estimators": figures_studies.estimator_curves(metrics, best, out_dir),
+        "critical_batch_front": figures_studies.critical_batch_front(
+            trials, metrics, figures_studies.critical_batch_targets(list(claims)), out_dir),
     }
     return results
 
@@ -214,7 +225,8 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
         protocol.budget_table(trials), protocol.comparison_table(trials, select)]]
     warnings = (protocol.protocol_warnings(trials, select)
                 + protocol.measurement_warnings(trials, metrics))
-    results = claims_mod.evaluate(study_claims(trials, spec), trials, metrics, select)
+    claims = study_claims(trials, spec)
+    results = claims_mod.evaluate(claims, trials, metrics, select)
     claims_table = claims_mod.claims_table(results)
     claims_table.paths = {"csv": claims_mod.claims_csv(results, out / C.CLAIMS_ARTIFACT)}
     best_lr = next(t for t in table_list if t.name == "best_lr").frame
@@ -234,7 +246,7 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
          [out / "summary.csv", out / "summary.md"], summary_table)]
     best = tables.best_settings(trials, select)
     cost = tables.cost_to_target_frame(trials, metrics, select, target_fraction=target_fraction)
-    figs = make_figures(trials, metrics, best, cost, out / "figures")
+    figs = make_figures(trials, metrics, best, cost, out / "figures", claims)
     _write_index_md(out, study, trials, select, sections, table_list, figs, [claims_table],
                     warnings)
     write_index_html(out, study=study, intro=_intro(trials, select, quote=""),

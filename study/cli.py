@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
+from study import contract as C
 from study.spec import SpecError, load_spec
 
 INTERRUPTED_RC = 130
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fresh", action="store_true",
                    help="start a new sweep instead of resuming the stored one")
     s.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    c = sub.add_parser("claims", help="print the claims tables of studies' reports")
+    c.add_argument("studies", nargs="+", help="study names (reports/<study>/claims.csv)")
+    c.add_argument("--reports", default="reports", help="the reports folder")
     from analysis.command import add_report_arguments, run_report  # the one report command
 
     add_report_arguments(sub.add_parser("report", help="write reports/<study>/ from the "
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "claims":
+            return _print_claims([Path(args.reports) / name for name in args.studies])
         run_report(args)
     except (SpecError, ConnectionError, FileNotFoundError, ValueError) as err:
         for line in str(err).strip().splitlines() or [type(err).__name__]:
@@ -91,10 +98,25 @@ def _sweep(args) -> int:
               f"make report STUDY={result.name}", file=sys.stderr)
         return INTERRUPTED_RC
     _print_best(out)
+    if (out / C.CLAIMS_ARTIFACT).exists():
+        _print_claims([out])
     print(f"report: {out / 'index.html'} ({_duration(time.monotonic() - started)}; also under "
           f"report/ of MLflow parent run {result.parent_run_id})")
     print(f"compare the runs: {_ui_command(result.tracking_uri)}")
     return 0
+
+
+def _print_claims(report_dirs: list[Path]) -> int:
+    """The claims of each report folder, one line each; rc 1 when a report has none."""
+    from analysis.claims import format_claims
+
+    missing = [d for d in report_dirs if not (d / C.CLAIMS_ARTIFACT).exists()]
+    found = [d for d in report_dirs if d not in missing]
+    if found:
+        print(format_claims([d / C.CLAIMS_ARTIFACT for d in found]))
+    for d in missing:
+        print(f"{d.name}: no {C.CLAIMS_ARTIFACT} (run the study, or make report STUDY={d.name})")
+    return 1 if missing else 0
 
 
 def _print_families(plugins: list[str]) -> None:

@@ -90,7 +90,8 @@ HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 CLAIMS_ARTIFACT = "claims.csv"        # in the report folder (report/claims.csv on the parent)
 # the report's figures, by name (a claim's optional ``figure``)
 REPORT_FIGURES = ("lr_sensitivity", "lr_bs_heatmaps", "learning_curves", "variance",
-                  "grad_histograms", "performance_profiles")
+                  "grad_histograms", "performance_profiles", "estimators",
+                  "critical_batch_front")
 
 
 def claim_metric(name: str, what: str) -> str:

@@ -239,7 +239,8 @@ class TrackingSpec(Strict):
     uri: str = "sqlite:///mlflow.db"
 
 
-VARIANCE_PARAMS = ("estimator", "lower", "upper", "value")   # var/<name>_<statistic> keys
+NUMBER_PARAMS = ("target",)                 # claim parameters that are numbers
+VARIANCE_PARAMS = ("estimator", "lower", "upper", "value", "better", "worse")  # var/<name>_<statistic> keys
 METRIC_PARAMS = ("x", "y")                                   # a final metric of every trial
 NAME_PARAMS = ("family", "baseline", "model", "dataset")
 
@@ -282,6 +283,10 @@ class ClaimSpec(Strict):
             if key not in required + optional:
                 raise Problem(f"unknown parameter {key!r}; {takes} (got {shown(value)})",
                               f"params.{key}")
+            if key in NUMBER_PARAMS:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise Problem(f"must be a number (got {shown(value)})", f"params.{key}")
+                continue
             if not isinstance(value, str):
                 raise Problem(f"must be a name (text) (got {shown(value)})", f"params.{key}")
             if key in VARIANCE_PARAMS and not _variance_key(value):
