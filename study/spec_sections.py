@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from study import contract
-from study.data import DATASETS
+from study.data import DATASETS, FRESH_DATASETS
 from study.models import MODELS
 from study.spec_values import (
     Problem,
@@ -24,12 +24,13 @@ from study.spec_values import (
     parse_lr,
 )
 from study.shadows import parse_estimators
+from study.toy import SINE2D_SIZE
 from study.variance import ProbeSettings
 
 # Training-set sizes before any validation split, used to check batch sizes without loading.
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
 INPUT_SHAPES = {"mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
-                "cifar10": (3, 32, 32)}
+                "cifar10": (3, 32, 32), "sine2d": (2,)}
 MNIST1D_TRAIN_FRACTION = 0.8
 
 
@@ -81,15 +82,28 @@ class DatasetSpec(Strict):
     test_label_noise: float = Field(0.0, ge=0, le=1)  # fraction of test labels randomized
     root: str = "data"
     download: bool = False
+    fresh: bool = False       # generated datasets: a new block of `size` examples every epoch
 
     @field_validator("name")
     @classmethod
     def _known(cls, v):
         return _one_of(v, DATASETS, "dataset")
 
+    @model_validator(mode="after")
+    def _fresh_needs_a_generator(self):
+        if self.fresh and self.name not in FRESH_DATASETS:
+            raise Problem(f"only generated datasets {list(FRESH_DATASETS)} can draw fresh "
+                          f"examples (got fresh: true with {self.name})", "fresh")
+        if self.fresh and self.label_noise:
+            raise Problem("label noise needs stored training labels; not with fresh: true "
+                          f"(got {self.label_noise})", "label_noise")
+        return self
+
     def train_size(self) -> int:
         if self.name == "mnist1d":
             n = int((self.size or 5000) * MNIST1D_TRAIN_FRACTION)
+        elif self.name == "sine2d":
+            n = self.size or SINE2D_SIZE
         else:
             n = min(self.size or TRAIN_SIZES[self.name], TRAIN_SIZES[self.name])
         return n - int(round(n * self.val_fraction))
