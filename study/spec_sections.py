@@ -109,19 +109,57 @@ class DatasetSpec(Strict):
         return n - int(round(n * self.val_fraction))
 
 
+class InitSpec(Strict):
+    """``init: he_normal`` or ``init: {kind: normal, std: 0.01}`` (``study.models.initialize``)."""
+
+    kind: Literal["default", "he_normal", "normal", "linspace"]
+    std: PositiveFloat | None = None          # normal only: the weights' standard deviation
+
+    @model_validator(mode="after")
+    def _std_with_normal(self):
+        if self.kind == "normal" and self.std is None:
+            raise Problem("kind normal needs a std, e.g. {kind: normal, std: 0.01} (got no std)",
+                          "std")
+        if self.kind != "normal" and self.std is not None:
+            raise Problem(f"std is for kind normal only (got std {self.std} with kind "
+                          f"{self.kind})", "std")
+        return self
+
+    def option(self) -> str | dict[str, Any]:
+        """What ``build_model`` takes: the kind alone, or ``{kind, std}``."""
+        return self.kind if self.std is None else {"kind": self.kind, "std": self.std}
+
+
 class ModelSpec(Strict):
     name: str
     widths: list[PositiveInt] | None = None
     channels: list[PositiveInt] | None = None
     norm: Literal["group", "none"] | None = None  # resnet8 only; default group
+    activation: Literal["relu", "tanh", "sigmoid"] | None = None   # mlp only; default relu
+    init: InitSpec | None = None              # default: torch's own initialization
 
     @field_validator("name")
     @classmethod
     def _known(cls, v):
         return _one_of(v, MODELS, "model")
 
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _activation_of_mlp(self):
+        if self.activation is not None and self.name != "mlp":
+            raise Problem(f"only mlp has an activation to choose (got {self.activation!r} for "
+                          f"{self.name})", "activation")
+        return self
+
     def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"name"}, exclude_none=True)
+        out = self.model_dump(exclude={"name", "init"}, exclude_none=True)
+        if self.init is not None:
+            out["init"] = self.init.option()
+        return out
 
 
 class FamilySpec(Strict):

@@ -97,3 +97,90 @@ def test_bad_model_inputs_name_the_field():
         build_model("resnet8", (1, 40), 10)  # needs images
     with pytest.raises(ValueError, match="model.norm"):
         build_model("resnet8", (3, 32, 32), 10, norm="batch")
+
+
+# -- initialization and activation -------------------------------------------------------------
+
+def _seeded(build, seed=0):
+    torch.manual_seed(seed)
+    return build()
+
+
+def test_default_init_is_torchs_own_bit_for_bit():
+    """The default study's models, built as before these options existed (the layers by hand,
+    torch's own initialization in the same order) and with init: default."""
+    def by_hand_mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100),
+                             nn.ReLU(), nn.Linear(100, 10))
+
+    def by_hand_cnn():
+        return nn.Sequential(nn.Conv1d(1, 25, 5, 2, 1), nn.ReLU(), nn.Conv1d(25, 25, 3, 2, 1),
+                             nn.ReLU(), nn.Conv1d(25, 25, 3, 2, 1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(125, 10))
+    for name, kw, hand in [("mlp", {"widths": [100, 100]}, by_hand_mlp),
+                           ("cnn", {"channels": [25, 25, 25]}, by_hand_cnn)]:
+        expected = _seeded(hand).state_dict()
+        drawn = torch.get_rng_state()        # the random numbers torch's init consumed
+        for init in ({}, {"init": "default"}):
+            built = _seeded(lambda: build_model(name, (1, 40), 10, **kw, **init))
+            assert torch.equal(torch.get_rng_state(), drawn)   # no more, no fewer
+            assert built.state_dict().keys() == expected.keys()
+            for key, value in built.state_dict().items():
+                assert torch.equal(value, expected[key]), (name, init, key)
+
+
+def _kurtosis(w: torch.Tensor) -> float:
+    z = (w - w.mean()) / w.std()
+    return float((z ** 4).mean())
+
+
+def test_he_normal_weights_have_std_sqrt_2_over_fan_in_and_zero_biases():
+    model = _seeded(lambda: build_model("mlp", (1, 1024), 10, widths=[2048], init="he_normal"))
+    w = model[1].weight.detach().double()
+    n, sigma = w.numel(), (2 / 1024) ** 0.5
+    assert abs(float(w.std()) / sigma - 1) < 5 * (1 / (2 * n)) ** 0.5   # sampling error of s
+    assert abs(float(w.mean())) < 5 * sigma / n ** 0.5
+    assert abs(_kurtosis(w) - 3) < 0.05      # a normal (not uniform 1.8, not truncated ~2.6)
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in (model[1], model[3]))
+    conv = _seeded(lambda: build_model("cnn", (1, 28, 28), 10, init="he_normal"))[3]
+    fan_in = 20 * 5 * 5                      # LeNet's second conv: 20 channels in, 5×5
+    w = conv.weight.detach().double()
+    assert abs(float(w.std()) / (2 / fan_in) ** 0.5 - 1) < 5 * (1 / (2 * w.numel())) ** 0.5
+
+
+def test_normal_init_has_the_std_asked_for():
+    for std in (1e-3, 10.0):
+        model = _seeded(lambda: build_model("mlp", (1, 1024), 10, widths=[1024],
+                                            init={"kind": "normal", "std": std}))
+        w = model[1].weight.detach().double()
+        assert abs(float(w.std()) / std - 1) < 5 * (1 / (2 * w.numel())) ** 0.5
+        assert float(model[3].bias.detach().abs().max()) == 0
+
+
+def test_the_gradient_scales_notebook_mlp_and_its_bad_initialization():
+    """2-20-20-2 on 2-D points; parameter i is linspace(0, i % 3 - 1, numel): the first weight
+    runs 0 -> -1, the first bias and the last weight are zeros, and so on."""
+    model = build_model("mlp", (2,), 2, widths=[20, 20], activation="tanh", init="linspace")
+    assert model(torch.randn(5, 2)).shape == (5, 2)
+    assert _n_params(model) == (2 * 20 + 20) + (20 * 20 + 20) + (20 * 2 + 2)
+    assert sum(isinstance(m, nn.Tanh) for m in model) == 2 and not any(
+        isinstance(m, nn.ReLU) for m in model)
+    params = list(model.parameters())
+    ends = [-1, 0, 1, -1, 0, 1]
+    for p, end in zip(params, ends):
+        flat = p.detach().flatten().double()
+        assert float(flat[0]) == 0 and float(flat[-1]) == pytest.approx(end, abs=1e-7)
+        steps = flat.diff()
+        assert torch.allclose(steps, torch.full_like(steps, end / (p.numel() - 1)), atol=1e-6)
+    assert float(params[0].detach()[0, 1]) == pytest.approx(-1 / 39, abs=1e-7)   # row-major order
+
+
+def test_activation_and_init_errors_name_the_field():
+    with pytest.raises(ValueError, match="model.activation"):
+        build_model("cnn", (1, 40), 10, activation="tanh")
+    with pytest.raises(ValueError, match="model.activation"):
+        build_model("mlp", (1, 40), 10, activation="gelu")
+    with pytest.raises(ValueError, match="model.init"):
+        build_model("mlp", (1, 40), 10, init="xavier")
+    with pytest.raises(ValueError, match="model.init.std"):
+        build_model("mlp", (1, 40), 10, init={"kind": "normal"})
