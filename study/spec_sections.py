@@ -134,7 +134,7 @@ class ModelSpec(Strict):
     name: str
     widths: list[PositiveInt] | None = None
     channels: list[PositiveInt] | None = None
-    norm: Literal["group", "none"] | None = None  # resnet8 only; default group
+    norm: Literal["group", "none"] | None = None  # resnets only; default group
     activation: Literal["relu", "tanh", "sigmoid"] | None = None   # mlp only; default relu
     init: InitSpec | None = None              # default: torch's own initialization
 

@@ -85,6 +85,7 @@ CASES = [
                                                                    "std": 0.1}}],
      "models.0.init.std", "0.1"),
     ("init not a kind", "models", [{"name": "mlp", "init": 3}], "models.0.init", "3"),
+    ("resnet on 1-D inputs", "models", [{"name": "resnet20"}], "models", "resnet20"),
     ("unknown activation", "models", [{"name": "mlp", "activation": "gelu"}],
      "models.0.activation", "gelu"),
     ("activation of a cnn", "models", [{"name": "cnn", "activation": "tanh"}],

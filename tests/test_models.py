@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from study.models import MLP, CNN1d, LeNet, ResNet8, build_model
+from study.models import MLP, CNN1d, LeNet, ResNet, ResNet8, build_model
 
 
 def _n_params(model: nn.Module) -> int:
@@ -47,39 +47,64 @@ def test_lenet_shape_and_count():
     assert colour(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def _resnet8_count(norm: str, c=(16, 32, 64), classes=10) -> int:
+def _resnet_count(norm: str, blocks: int = 1, c=(16, 32, 64), classes=10) -> int:
     bias = norm == "none"
     norm_params = (lambda ch: 2 * ch) if norm == "group" else (lambda ch: 0)
     total = _conv(3, c[0], 9, bias) + norm_params(c[0])
     cin = c[0]
     for ch in c:
-        total += _conv(cin, ch, 9, bias) + _conv(ch, ch, 9, bias) + 2 * norm_params(ch)
-        if cin != ch:
-            total += _conv(cin, ch, 1, bias=False) + norm_params(ch)
-        cin = ch
+        for _ in range(blocks):
+            total += _conv(cin, ch, 9, bias) + _conv(ch, ch, 9, bias) + 2 * norm_params(ch)
+            if cin != ch:
+                total += _conv(cin, ch, 1, bias=False) + norm_params(ch)
+            cin = ch
     return total + c[-1] * classes + classes
 
 
+@pytest.mark.parametrize("name,blocks", [("resnet8", 1), ("resnet20", 3), ("resnet32", 5)])
 @pytest.mark.parametrize("norm", ["group", "none"])
-def test_resnet8_shape_count_and_no_batchnorm(norm):
-    model = build_model("resnet8", (3, 32, 32), 10, norm=norm)
-    assert isinstance(model, ResNet8)
+def test_resnet_shape_count_and_no_batchnorm(name, blocks, norm):
+    model = build_model(name, (3, 32, 32), 10, norm=norm)
+    assert isinstance(model, ResNet)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert _n_params(model) == _resnet8_count(norm)
+    assert _n_params(model) == _resnet_count(norm, blocks)
     kinds = {type(m) for m in model.modules()}
     assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) == 1 + 3 * 2 + 2  # stem, two per block, two projection shortcuts
+    assert len(convs) == 1 + 3 * blocks * 2 + 2  # stem, two per block, two projections
+    assert sum(c.stride == (2, 2) for c in convs) == 4   # two stages start at half size
     if norm == "group":
         groups = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-        assert len(groups) == 1 + 3 * 2 + 2
+        assert len(groups) == 1 + 3 * blocks * 2 + 2
         assert all(g.num_channels % g.num_groups == 0 for g in groups)
     else:
         assert not any(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in model.modules())
 
 
+def test_resnet20_and_32_have_the_papers_size():
+    """He et al. (2016) Table 6: 0.27M and 0.46M parameters; with BatchNorm's 2 per channel
+    and option-A shortcuts exactly 269,722 and 464,154 (akamaster/pytorch_resnet_cifar10).
+    GroupNorm has BatchNorm's parameters; the projections add 16·32 + 32·64 weights and their
+    norms 2·(32 + 64)."""
+    projections = 16 * 32 + 32 * 64 + 2 * (32 + 64)
+    assert _n_params(build_model("resnet20", (3, 32, 32), 10)) == 269_722 + projections
+    assert _n_params(build_model("resnet32", (3, 32, 32), 10)) == 464_154 + projections
+
+
+def test_resnet8_keeps_its_parameter_names_and_initialization():
+    torch.manual_seed(0)
+    generic = ResNet(3, [16, 32, 64], 10, "group", blocks=1)
+    torch.manual_seed(0)
+    built = build_model("resnet8", (3, 32, 32), 10)
+    assert ResNet8 is ResNet and list(generic.state_dict()) == list(built.state_dict())
+    assert [n for n, _ in built.named_parameters()][:4] == [
+        "stem.0.weight", "stem.1.weight", "stem.1.bias", "blocks.0.conv1.weight"]
+    assert all(torch.equal(a, b) for a, b in zip(generic.parameters(), built.parameters()))
+
+
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 40)), ("cnn", (1, 40)),
-                                        ("cnn", (1, 28, 28)), ("resnet8", (3, 32, 32))])
+                                        ("cnn", (1, 28, 28)), ("resnet8", (3, 32, 32)),
+                                        ("resnet20", (3, 16, 16))])
 def test_examples_do_not_interact(name, shape):
     """Train-mode outputs of one example do not depend on the rest of the batch (the
     premise of per-example gradients; train-mode BatchNorm would break it)."""
@@ -95,6 +120,8 @@ def test_bad_model_inputs_name_the_field():
         build_model("transformer", (1, 40), 10)
     with pytest.raises(ValueError, match="model.name"):
         build_model("resnet8", (1, 40), 10)  # needs images
+    with pytest.raises(ValueError, match="model.name: resnet32"):
+        build_model("resnet32", (2,), 10)
     with pytest.raises(ValueError, match="model.norm"):
         build_model("resnet8", (3, 32, 32), 10, norm="batch")
 
