@@ -25,6 +25,7 @@ import torch
 
 DATASETS = ("mnist1d", "mnist", "fashion_mnist", "cifar10", "sine2d")
 FRESH_DATASETS = ("sine2d",)          # generated: can draw new examples every epoch
+IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")   # can be augmented (study.augment)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from study import contract
-from study.data import DATASETS, FRESH_DATASETS
+from study.data import DATASETS, FRESH_DATASETS, IMAGE_DATASETS
 from study.models import MODELS
 from study.spec_values import (
     Problem,
@@ -83,6 +83,7 @@ class DatasetSpec(Strict):
     root: str = "data"
     download: bool = False
     fresh: bool = False       # generated datasets: a new block of `size` examples every epoch
+    augment: bool = False     # images: random crop (padding 4) + horizontal flip in training
 
     @field_validator("name")
     @classmethod
@@ -90,13 +91,16 @@ class DatasetSpec(Strict):
         return _one_of(v, DATASETS, "dataset")
 
     @model_validator(mode="after")
-    def _fresh_needs_a_generator(self):
+    def _options_fit_the_data(self):
         if self.fresh and self.name not in FRESH_DATASETS:
             raise Problem(f"only generated datasets {list(FRESH_DATASETS)} can draw fresh "
                           f"examples (got fresh: true with {self.name})", "fresh")
         if self.fresh and self.label_noise:
             raise Problem("label noise needs stored training labels; not with fresh: true "
                           f"(got {self.label_noise})", "label_noise")
+        if self.augment and self.name not in IMAGE_DATASETS:
+            raise Problem(f"crops and flips are for images {list(IMAGE_DATASETS)} (got augment: "
+                          f"true with {self.name})", "augment")
         return self
 
     def train_size(self) -> int:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from study import contract as C
+from study.augment import AugmentedSplit
 from study.config import TrialConfig
 from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
@@ -53,16 +54,20 @@ def load_splits(dataset: DatasetSpec, device: str | torch.device = "cpu"
     carved out of them, so each validation label is exactly the (possibly corrupted) training
     label of the example drawn (about the same fraction corrupted); ``test_label_noise`` the test
     labels alone, on their own seed stream. Both use seed 0: every trial of a study sees the
-    same labels. With ``fresh`` examples the validation split is a stored block of its own.
+    same labels. With ``fresh`` examples the validation split is a stored block of its own;
+    with ``augment`` the training split crops and flips the batches of its epochs.
     """
     d = dataset
     train, test = load_dataset(d.name, d.root, d.size, d.label_noise, seed=0, download=d.download,
                                device=device, test_label_noise=d.test_label_noise,
                                fresh=d.fresh)
     n_val = int(round(len(train) * d.val_fraction))
-    if n_val == 0:
-        return train, None, test
-    return (*train.hold_out(n_val), test)
+    val = None
+    if n_val:
+        train, val = train.hold_out(n_val)
+    if d.augment:                 # the epochs' batches only: metrics and the probe read as stored
+        train = AugmentedSplit(train.x, train.y)
+    return train, val, test
 
 
 @torch.no_grad()
@@ -291,7 +296,7 @@ def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
     import hashlib
 
     # options at their defaults are left out, so the digest stays what it was before they existed
-    unset = {k for k in ("test_label_noise", "fresh") if not getattr(dataset, k)}
+    unset = {k for k in ("test_label_noise", "fresh", "augment") if not getattr(dataset, k)}
     digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
     size = f"-{dataset.size}" if dataset.size else ""
     return {"name": f"{dataset.name}{size}", "digest": digest,
