@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TrialConfig:
     arm: str                          # "<model>/<family>/<variant>[options]": the grid's row
-    model: str                        # mlp | cnn | resnet8
+    model: str                        # mlp | cnn | resnet8 | resnet20 | resnet32
     family: str                       # an optimizer family (study.optim.FAMILIES)
     variant: str                      # one of the family's variants
     lr: float

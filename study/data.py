@@ -6,8 +6,10 @@ it holds (GC and SVRG need the indices). Samplers are seeded per epoch, which ma
 trial draw exactly the batches an uninterrupted one would.
 
 Datasets: MNIST-1D generated locally by ``mnist1d.data.make_dataset`` (the offline default,
-cached as .npz), and MNIST / FashionMNIST / CIFAR-10 read by torchvision's own classes from
-``root`` (downloaded only when ``download: true`` and the internet is reachable).
+cached as .npz), MNIST / FashionMNIST / CIFAR-10 read by torchvision's own classes from
+``root`` (downloaded only when ``download: true`` and the internet is reachable), and the
+gradient-scales notebook's 2-D toy problem ``sine2d`` (``study.toy``; ``fresh`` = new examples
+every epoch).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("mnist1d", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("mnist1d", "mnist", "fashion_mnist", "cifar10", "sine2d")
+FRESH_DATASETS = ("sine2d",)          # generated: can draw new examples every epoch
+IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")   # can be augmented (study.augment)
 
 
 @dataclass
@@ -50,6 +54,17 @@ class DataSplit:
     def __len__(self) -> int:
         return self.y.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def classes(self) -> int:
+        """Number of classes: one more than the largest label."""
+        return int(self.y.max()) + 1
+
     def batch(self, idx: torch.Tensor) -> Batch:
         idx = idx.to(self.x.device)
         return Batch(self.x.index_select(0, idx), self.y.index_select(0, idx), idx)
@@ -57,11 +72,23 @@ class DataSplit:
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """In-order batches covering every example (evaluation and full passes)."""
         for start in range(0, len(self), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
+            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.device)
             yield self.batch(idx)
 
     def to(self, device) -> DataSplit:
         return DataSplit(self.x.to(device), self.y.to(device))
+
+    def for_epoch(self, seed: int, epoch: int) -> DataSplit:
+        """The split as training sees it in ``epoch`` of a trial with ``seed``: itself; fresh
+        data (a new block of examples) and augmentation (new crops) override it."""
+        return self
+
+    def hold_out(self, n_val: int) -> tuple[DataSplit, DataSplit]:
+        """(the rest, ``n_val`` validation examples): a fixed permutation, independent of any
+        trial's seed, so every trial of a study holds out the same examples."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(12345))
+        perm = perm.to(self.device)
+        return self.batch(perm[n_val:]).split(), self.batch(perm[:n_val]).split()
 
 
 class UniformSampler:
@@ -101,7 +128,7 @@ TRAIN_NOISE_STREAM, TEST_NOISE_STREAM = 0, 1
 def load_dataset(name: str, root: str | Path, size: int | None = None, label_noise: float = 0.0,
                  seed: int = 0, download: bool = False,
                  device: str | torch.device = "cpu",
-                 test_label_noise: float = 0.0) -> tuple[DataSplit, DataSplit]:
+                 test_label_noise: float = 0.0, fresh: bool = False) -> tuple[DataSplit, DataSplit]:
     """(train, test) splits as float32 inputs and int64 labels on ``device``.
 
     ``size`` caps the number of training examples (MNIST-1D: total generated examples);
@@ -110,10 +137,23 @@ def load_dataset(name: str, root: str | Path, size: int | None = None, label_noi
     ``test_label_noise`` that fraction of test labels, the same way on an independent stream
     of ``seed`` (the well-tempered notebook corrupted its test labels too). Each option
     touches only its own split; the classes drawn from are those of the clean labels. See
-    ``label_corruption`` for what exactly is replaced.
+    ``label_corruption`` for what exactly is replaced. ``fresh`` (generated datasets only):
+    the training split is generated on the fly, a new block of ``size`` examples every epoch.
     """
     root = Path(root)
-    if name == "mnist1d":
+    if fresh and name not in FRESH_DATASETS:
+        raise ValueError(f"dataset.fresh: only generated datasets {list(FRESH_DATASETS)} can "
+                         f"draw fresh examples (got {name!r})")
+    if fresh and label_noise:
+        raise ValueError(f"dataset.label_noise: not with fresh examples (got {label_noise})")
+    x = y = None                                 # fresh: no stored training examples
+    if name == "sine2d":
+        from study.toy import SINE2D_SIZE, SINE2D_TEST, TEST_BLOCK, TRAIN_BLOCK, sine2d
+
+        if not fresh:
+            x, y = _arrays(sine2d(size or SINE2D_SIZE, TRAIN_BLOCK))
+        xt, yt = _arrays(sine2d(SINE2D_TEST, TEST_BLOCK))
+    elif name == "mnist1d":
         x, y, xt, yt = _mnist1d(root, size or 5000)
     elif name in ("mnist", "fashion_mnist", "cifar10"):
         x, y, xt, yt = _torchvision(name, root, download)
@@ -121,12 +161,18 @@ def load_dataset(name: str, root: str | Path, size: int | None = None, label_noi
             x, y = x[:size], y[:size]
     else:
         raise ValueError(f"dataset.name: unknown dataset {name!r}; choose from {list(DATASETS)}")
-    n_classes = int(max(y.max(), yt.max())) + 1  # of the clean labels, before any corruption
+    # of the clean labels, before any corruption
+    n_classes = int(max(yt.max(), yt.max() if y is None else y.max())) + 1
     if label_noise:
         y = _corrupt_labels(y, label_noise, seed, n_classes, TRAIN_NOISE_STREAM)
     if test_label_noise:
         yt = _corrupt_labels(yt, test_label_noise, seed, n_classes, TEST_NOISE_STREAM)
-    train = DataSplit(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+    if y is None:
+        from study.toy import SINE2D_SIZE, GeneratedSplit
+        train = GeneratedSplit(size or SINE2D_SIZE)
+    else:
+        train = DataSplit(torch.as_tensor(x, dtype=torch.float32),
+                          torch.as_tensor(y, dtype=torch.long))
     test = DataSplit(torch.as_tensor(xt, dtype=torch.float32),
                      torch.as_tensor(yt, dtype=torch.long))
     return train.to(device), test.to(device)
@@ -152,6 +198,10 @@ def _corrupt_labels(y: np.ndarray, fraction: float, seed: int, n_classes: int,
     chosen, labels = label_corruption(len(y), fraction, seed, n_classes, stream)
     y[chosen] = labels
     return y
+
+
+def _arrays(split: DataSplit) -> tuple[np.ndarray, np.ndarray]:
+    return split.x.numpy(), split.y.numpy()
 
 
 def _mnist1d(root: Path, size: int):
@@ -222,8 +272,8 @@ def _CIFAR10(*args, **kwargs):
 
 
 def input_shape(split: DataSplit) -> tuple[int, ...]:
-    return tuple(split.x.shape[1:])
+    return split.example_shape()
 
 
 def num_classes(*splits: DataSplit) -> int:
-    return int(max(int(s.y.max()) for s in splits)) + 1
+    return max(s.classes() for s in splits)

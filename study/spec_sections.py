@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from study import contract
-from study.data import DATASETS
+from study.data import DATASETS, FRESH_DATASETS, IMAGE_DATASETS
 from study.models import MODELS
 from study.shadows import parse_estimators
 from study.spec_values import (
@@ -26,12 +26,13 @@ from study.spec_values import (
     parse_lr,
     shown,
 )
+from study.toy import SINE2D_SIZE
 from study.variance import ProbeSettings
 
 # Training-set sizes before any validation split, used to check batch sizes without loading.
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
 INPUT_SHAPES = {"mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
-                "cifar10": (3, 32, 32)}
+                "cifar10": (3, 32, 32), "sine2d": (2,)}
 MNIST1D_TRAIN_FRACTION = 0.8
 
 
@@ -83,33 +84,88 @@ class DatasetSpec(Strict):
     test_label_noise: float = Field(0.0, ge=0, le=1)  # fraction of test labels randomized
     root: str = "data"
     download: bool = False
+    fresh: bool = False       # generated datasets: a new block of `size` examples every epoch
+    augment: bool = False     # images: random crop (padding 4) + horizontal flip in training
 
     @field_validator("name")
     @classmethod
     def _known(cls, v):
         return _one_of(v, DATASETS, "dataset")
 
+    @model_validator(mode="after")
+    def _options_fit_the_data(self):
+        if self.fresh and self.name not in FRESH_DATASETS:
+            raise Problem(f"only generated datasets {list(FRESH_DATASETS)} can draw fresh "
+                          f"examples (got fresh: true with {self.name})", "fresh")
+        if self.fresh and self.label_noise:
+            raise Problem("label noise needs stored training labels; not with fresh: true "
+                          f"(got {self.label_noise})", "label_noise")
+        if self.augment and self.name not in IMAGE_DATASETS:
+            raise Problem(f"crops and flips are for images {list(IMAGE_DATASETS)} (got augment: "
+                          f"true with {self.name})", "augment")
+        return self
+
     def train_size(self) -> int:
         if self.name == "mnist1d":
             n = int((self.size or 5000) * MNIST1D_TRAIN_FRACTION)
+        elif self.name == "sine2d":
+            n = self.size or SINE2D_SIZE
         else:
             n = min(self.size or TRAIN_SIZES[self.name], TRAIN_SIZES[self.name])
         return n - int(round(n * self.val_fraction))
+
+
+class InitSpec(Strict):
+    """``init: he_normal`` or ``init: {kind: normal, std: 0.01}`` (``study.models.initialize``)."""
+
+    kind: Literal["default", "he_normal", "normal", "linspace"]
+    std: PositiveFloat | None = None          # normal only: the weights' standard deviation
+
+    @model_validator(mode="after")
+    def _std_with_normal(self):
+        if self.kind == "normal" and self.std is None:
+            raise Problem("kind normal needs a std, e.g. {kind: normal, std: 0.01} (got no std)",
+                          "std")
+        if self.kind != "normal" and self.std is not None:
+            raise Problem(f"std is for kind normal only (got std {self.std} with kind "
+                          f"{self.kind})", "std")
+        return self
+
+    def option(self) -> str | dict[str, Any]:
+        """What ``build_model`` takes: the kind alone, or ``{kind, std}``."""
+        return self.kind if self.std is None else {"kind": self.kind, "std": self.std}
 
 
 class ModelSpec(Strict):
     name: str
     widths: list[PositiveInt] | None = None
     channels: list[PositiveInt] | None = None
-    norm: Literal["group", "none"] | None = None  # resnet8 only; default group
+    norm: Literal["group", "none"] | None = None  # resnets only; default group
+    activation: Literal["relu", "tanh", "sigmoid"] | None = None   # mlp only; default relu
+    init: InitSpec | None = None              # default: torch's own initialization
 
     @field_validator("name")
     @classmethod
     def _known(cls, v):
         return _one_of(v, MODELS, "model")
 
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _activation_of_mlp(self):
+        if self.activation is not None and self.name != "mlp":
+            raise Problem(f"only mlp has an activation to choose (got {self.activation!r} for "
+                          f"{self.name})", "activation")
+        return self
+
     def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"name"}, exclude_none=True)
+        out = self.model_dump(exclude={"name", "init"}, exclude_none=True)
+        if self.init is not None:
+            out["init"] = self.init.option()
+        return out
 
 
 class FamilySpec(Strict):

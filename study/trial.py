@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from study import contract as C
+from study.augment import AugmentedSplit
 from study.config import TrialConfig
 from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
@@ -53,17 +54,20 @@ def load_splits(dataset: DatasetSpec, device: str | torch.device = "cpu"
     carved out of them, so each validation label is exactly the (possibly corrupted) training
     label of the example drawn (about the same fraction corrupted); ``test_label_noise`` the test
     labels alone, on their own seed stream. Both use seed 0: every trial of a study sees the
-    same labels.
+    same labels. With ``fresh`` examples the validation split is a stored block of its own;
+    with ``augment`` the training split crops and flips the batches of its epochs.
     """
     d = dataset
     train, test = load_dataset(d.name, d.root, d.size, d.label_noise, seed=0, download=d.download,
-                               device=device, test_label_noise=d.test_label_noise)
+                               device=device, test_label_noise=d.test_label_noise,
+                               fresh=d.fresh)
     n_val = int(round(len(train) * d.val_fraction))
-    if n_val == 0:
-        return train, None, test
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
-    perm = perm.to(train.x.device)
-    return train.batch(perm[n_val:]).split(), train.batch(perm[:n_val]).split(), test
+    val = None
+    if n_val:
+        train, val = train.hold_out(n_val)
+    if d.augment:                 # the epochs' batches only: metrics and the probe read as stored
+        train = AugmentedSplit(train.x, train.y)
+    return train, val, test
 
 
 @torch.no_grad()
@@ -139,7 +143,8 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
     metrics: dict[str, Any] = {}
     while c.epoch < config.epochs and not c.diverged and not c.reached_target:
         generator = epoch_generator(seed, c.epoch)
-        ctx = Context(model, loss_fn, train, bs, c.iteration, c.epoch,
+        data = train.for_epoch(seed, c.epoch)    # what this epoch trains on (fresh, augmented)
+        ctx = Context(model, loss_fn, data, bs, c.iteration, c.epoch,
                       epoch_generator(seed, c.epoch, PERIODIC_STREAM))
         for shadow in shadows:
             shadow.begin_epoch(c.epoch, c.iteration)
@@ -153,7 +158,7 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
             probe_step(probe, opt, c.iteration, log, shadows)
             c.measure_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            d = opt.direction(train.batch(idx))
+            d = opt.direction(data.batch(idx))
             if c.diverges(d.loss):
                 c.diverged = True
                 break
@@ -292,7 +297,8 @@ def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
     of the settings that generate / select it (same settings, same examples)."""
     import hashlib
 
-    unset = {"test_label_noise"} if not dataset.test_label_noise else set()  # digests as before
+    # options at their defaults are left out, so the digest stays what it was before they existed
+    unset = {k for k in ("test_label_noise", "fresh", "augment") if not getattr(dataset, k)}
     digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
     size = f"-{dataset.size}" if dataset.size else ""
     return {"name": f"{dataset.name}{size}", "digest": digest,

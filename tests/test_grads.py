@@ -12,7 +12,7 @@ from study.grads import BatchStats, batch_stats
 from study.grads.conv import conv_plan, conv_stats
 from study.grads.fallback import fallback_stats
 from study.grads.norm import groupnorm_stats, saved_statistics
-from study.models import MLP, CNN1d, LeNet, ResNet8
+from study.models import MLP, CNN1d, LeNet, ResNet, ResNet8
 
 TOL = 1e-6
 
@@ -163,6 +163,8 @@ def test_groupnorm_through_generic_fallback_agrees():
     (lambda: LeNet((1, 28, 28), [4, 6], 20, 5), (4, 1, 28, 28)),
     (lambda: ResNet8(3, [4, 8, 8], 5, "group"), (3, 3, 16, 16)),
     (lambda: ResNet8(3, [4, 8, 8], 5, "none"), (3, 3, 16, 16)),
+    (lambda: ResNet(3, [4, 8, 8], 5, "group", blocks=3), (3, 3, 8, 8)),    # ResNet-20
+    (lambda: ResNet(3, [4, 8, 8], 5, "none", blocks=5), (2, 3, 8, 8)),     # ResNet-32
 ])
 def test_models(make, shape):
     check(make(), torch.randn(*shape), torch.randint(0, 5, (shape[0],)))

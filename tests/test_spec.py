@@ -125,3 +125,18 @@ def test_a_spec_survives_its_own_dump():
     spec = parse_spec(base(lr=0.1, families={"sgd": None, "adam": {"lr": {"low": 1e-4,
                                                                          "high": 1e-2, "num": 3}}}))
     assert parse_spec(spec.model_dump()) == spec
+
+
+def test_model_init_and_activation_reach_the_trial():
+    """The notebook's 2-20-20-2 tanh MLP with its bad init, and He-normal, as a spec writes
+    them: the options are what build_model gets, and what MLflow records as model.*."""
+    spec = parse_spec(base(dataset={"name": "sine2d"}, models=[
+        {"name": "mlp", "widths": [20, 20], "activation": "tanh", "init": "linspace"},
+        {"name": "mlp", "init": {"kind": "normal", "std": 0.01}},
+        {"name": "mlp", "init": "he_normal"}]))
+    options = [a["model_options"] for a in spec.arms() if a["family"] == "adam"]
+    assert options == [{"widths": [20, 20], "activation": "tanh", "init": "linspace"},
+                       {"init": {"kind": "normal", "std": 0.01}}, {"init": "he_normal"}]
+    config = spec.trial_config(spec.trials()[0])
+    assert config.params()["model.init"] == "linspace"
+    assert parse_spec(spec.model_dump()) == spec
