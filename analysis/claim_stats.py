@@ -200,5 +200,34 @@ def rank_correlation(ctx: Context, x, y, family=None, model=None,
     return est
 
 
+@statistic(unit="", digits=2)
+def largest_logged(ctx: Context, key, family, model=None, dataset=None) -> stats.Estimate:
+    """The largest value of a logged series ``key`` (e.g. grad_log10_span, wt/frac_scaled) over
+    each run of the family's tuned setting; mean over seeds, t-interval."""
+    peaks = [float(h[key].max()) for h in ctx.histories(ctx.tuned(family, model, dataset), [key])
+             if key in h and h[key].notna().any()]
+    if not peaks:
+        raise Missing(f"no run of {family}'s tuned setting logged {key}")
+    return stats.mean_ci(peaks)
+
+
+@statistic(unit=" pp", digits=1)
+def generalization_gap_difference(ctx: Context, family, baseline="sgd", model=None,
+                                  dataset=None) -> stats.Estimate:
+    """(train − test accuracy) of ``family`` minus that of ``baseline`` at their tuned settings,
+    in percentage points: < 0 when ``family`` overfits less. Paired by seed when both ran the
+    same ≥ 2 seeds, else Welch's t-test."""
+    gaps = []
+    for fam in (family, baseline):
+        row = ctx.tuned(fam, model, dataset)
+        train, test = ctx.finals(row, C.TRAIN_ACCURACY), ctx.finals(row, C.TEST_ACCURACY)
+        gaps.append({s: train[s] - test[s] for s in train if s in test})
+    a, b = gaps
+    if set(a) == set(b) and len(a) >= 2:
+        seeds = sorted(a)
+        return stats.paired([a[s] for s in seeds], [b[s] for s in seeds]).scaled(100)
+    return stats.welch(list(a.values()), list(b.values())).scaled(100)
+
+
 # statistics about speed to a target loss live beside these (registered on import)
 from analysis import claim_stats_speed  # noqa: E402,F401

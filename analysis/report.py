@@ -126,10 +126,15 @@ def make_figures(trials, metrics, best, cost, out_dir: Path, claims: list[dict] 
         "variance": figures.variance_curves(metrics, best, out_dir),
         "grad_histograms": figures.grad_histograms(_grad_hists(trials, best), out_dir),
         "performance_profiles": figures.performance_profiles(cost, out_dir),
-        "estimators": figures_studies.estimator_curves(metrics, best, out_dir),
-        "critical_batch_front": figures_studies.critical_batch_front(
-            trials, metrics, figures_studies.critical_batch_targets(list(claims)), out_dir),
     }
+    # the reproduction studies' own figures, only in studies that have what they show
+    if not metrics.empty and set(figures_studies.estimators_of(metrics)) - {C.DIRECTION,
+                                                                           C.SGD_GRADIENT}:
+        results["estimators"] = figures_studies.estimator_curves(metrics, best, out_dir)
+    targets = figures_studies.critical_batch_targets(list(claims))
+    if targets:
+        results["critical_batch_front"] = figures_studies.critical_batch_front(
+            trials, metrics, targets, out_dir)
     return results
 
 

@@ -59,6 +59,7 @@ NOISE_SCALE = "var/noise_scale"       # B_simple = tr(Σ) / |G|² of one measure
 TRACE_SIGMA = "var/trace_sigma"
 GRAD_SQ_NORM = "var/grad_sq_norm"     # |G|² as used in the ratio (clamped)
 GRAD_SQ_UNBIASED = "var/grad_sq_unbiased"  # the unclamped unbiased |G|² (for pooling)
+GRAD_LOG10_SPAN = "grad_log10_span"   # decades |gradient entries| span (1%-99%), per histogram
 NOISE_EXAMPLES = "var/noise_examples"  # examples one measurement averaged
 
 
@@ -84,6 +85,8 @@ CLAIM_STATISTICS = {
     "speed_prediction_advantage": (("better", "worse", "target", "family"), ("model", "dataset")),
     "critical_batch_over_noise_scale": (("target", "family"), ("model", "dataset")),
     "noise_scale_growth": (("target", "family"), ("model", "dataset")),
+    "largest_logged": (("key", "family"), ("model", "dataset")),
+    "generalization_gap_difference": (("family",), ("baseline", "model", "dataset")),
 }
 CLAIM_COMPARES = (">", "<", ">=", "<=", "within")
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"

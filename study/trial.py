@@ -210,7 +210,9 @@ def probe_step(probe, opt, iteration: int, log: LogFn | None = None, shadows: li
             log(metrics, iteration)
         done += 1
     if probe.histogram_due(iteration):
-        probe.record_histogram(opt, iteration)
+        span = probe.record_histogram(opt, iteration)
+        if log is not None:
+            log(span, iteration)
         done += 1
     return done
 

@@ -248,8 +248,9 @@ class VarianceProbe:
         return moments
 
     # -- histograms -------------------------------------------------------------------------
-    def record_histogram(self, opt: Optimizer, iteration: int) -> None:
-        """Histograms of |entries| of a plain mini-batch gradient, one per parameter."""
+    def record_histogram(self, opt: Optimizer, iteration: int) -> dict[str, float]:
+        """Histograms of |entries| of a plain mini-batch gradient, one per parameter; returns
+        the decades the entries span (``contract.GRAD_LOG10_SPAN``) as a metric to log."""
         (batch,) = self.batches(iteration, HISTOGRAM_STREAM, 1)
         names = _param_names(opt)
         with _isolated():
@@ -257,6 +258,7 @@ class VarianceProbe:
             for name, hist in zip(names, magnitude_histograms(grads)):
                 self._hist.setdefault(name, []).append({"iteration": iteration, **hist})
         self._hist_done.append(iteration)
+        return {C.GRAD_LOG10_SPAN: log10_span(grads)}
 
     def histograms(self) -> dict[str, Any]:
         """The ``contract.GRAD_HIST`` artifact's structure (read by analysis.figures)."""
@@ -315,6 +317,17 @@ def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:
     return [{"edges": edges, "counts": row[:bins], "zeros": row[bins],
              "underflow": row[bins + 1], "overflow": row[bins + 2]}
             for row in table.view(len(grads), slots).tolist()]
+
+
+def log10_span(grads: list[torch.Tensor], low: float = 0.01, high: float = 0.99) -> float:
+    """Decades between the ``low`` and ``high`` quantiles of |g| over every nonzero entry
+    (the gradient-scales notebook's point: one network's gradients span many decades)."""
+    a = torch.cat([g.detach().reshape(-1) for g in grads]).abs()
+    logs = a[a > 0].double().log10()
+    if logs.numel() == 0:
+        return 0.0
+    k_low, k_high = (max(1, min(logs.numel(), round(q * logs.numel()))) for q in (low, high))
+    return float(logs.kthvalue(k_high).values - logs.kthvalue(k_low).values)
 
 
 def histogram_edges() -> list[float]:

@@ -61,3 +61,24 @@ def test_speed_prediction_advantage_ranks_the_faithful_statistic_first():
 
 def test_every_statistic_in_the_contract_has_a_function():
     assert set(STATISTICS) == set(C.CLAIM_STATISTICS)
+
+
+def test_largest_logged_and_the_generalization_gap():
+    """Two families, three seeds: sgd's gaps (train − test) are 10, 12, 14 points, well_tempered's
+    4, 5, 6: the paired difference is −7 points; the span series peaks at 7, 8, 9."""
+    trials, rows = [], []
+    for fam, gaps in (("sgd", (0.10, 0.12, 0.14)), ("well_tempered", (0.04, 0.05, 0.06))):
+        for seed, gap in enumerate(gaps):
+            run_id = f"{fam}{seed}"
+            trials.append({"run_id": run_id, "model": "mlp", "family": fam, "batch_size": 32,
+                           "lr": 0.1, "seed": seed, "status": C.FINISHED, "variant": "v",
+                           "arm": f"mlp/{fam}/v", C.VAL_ACCURACY: 0.8,
+                           C.TRAIN_ACCURACY: 0.9, C.TEST_ACCURACY: 0.9 - gap})
+            rows += [(run_id, C.GRAD_LOG10_SPAN, step, 5.0 + seed + 2 * (step == 5))
+                     for step in (0, 5, 9)]
+    ctx = context(pd.DataFrame(trials), pd.DataFrame(rows, columns=["run_id", "key", "step",
+                                                                    "value"]))
+    gap = STATISTICS["generalization_gap_difference"].fn(ctx, family="well_tempered")
+    assert gap.value == pytest.approx(-7.0) and gap.high < 0
+    span = STATISTICS["largest_logged"].fn(ctx, key=C.GRAD_LOG10_SPAN, family="sgd")
+    assert span.value == pytest.approx(8.0) and span.n == 3

@@ -208,8 +208,13 @@ def test_interrupted_sweep_resumes(tmp_path, short_tmp, stop):
         reported = store.reported_epochs(t)
         assert reported[-1] == EPOCHS and reported[0] == 1
         restarts = [b for a, b in itertools.pairwise(reported) if b <= a]
-        if stop == "sigint":   # Tune saved the exact state on Ctrl-C: no epoch is repeated
-            assert reported == list(range(1, EPOCHS + 1)), reported
+        if stop == "sigint":
+            # Tune saves its state on Ctrl-C; under load that snapshot can precede the result in
+            # flight (seen: [1, 2, 2, 3, 4]: epoch 2 reported, the state still at epoch 1's
+            # checkpoint). So at most that one epoch is repeated, from the checkpoint before it.
+            pairs = list(itertools.pairwise(reported))
+            assert len(restarts) <= 1 and all(b == a for a, b in pairs if b <= a), reported
+            assert sorted(set(reported)) == list(range(1, EPOCHS + 1)), reported
         # continued from a checkpoint, never from epoch 0 again
         assert all(b > 1 for b in restarts), reported
         assert 1 not in reported[1:], reported

@@ -347,3 +347,12 @@ def test_histograms_structure_counts_and_resume():
     assert resumed.histograms() == hist
     assert not resumed.histogram_due(due[0]) and not resumed.histogram_due(due[1])
     assert resumed.histogram_due(due[2])
+
+
+def test_log10_span_counts_the_decades_between_the_1st_and_99th_percentiles():
+    """Magnitudes 10^k for k evenly over [-8, 0] (and exact zeros, which are left out): the
+    1%..99% quantiles of log10|g| are 8·0.01 and 8·0.99 decades above −8."""
+    k = torch.linspace(-8, 0, 100001, dtype=torch.float64)
+    grads = [(10 ** k[:50000]).float(), -(10 ** k[50000:]), torch.zeros(1000)]
+    assert variance.log10_span(grads) == pytest.approx(8 * 0.98, abs=1e-3)
+    assert variance.log10_span([torch.zeros(3)]) == 0.0
