@@ -64,6 +64,7 @@ import torch
 from study import contract as C
 from study.data import Batch, DataSplit, UniformSampler, epoch_generator
 from study.grads import batch_stats
+from study.histograms import histogram_edges, log10_span, magnitude_histograms  # noqa: F401
 from study.noise_scale import noise_scale
 from study.optim.base import Optimizer, gradient
 from study.shadows import EstimatorSettings, Shadow
@@ -77,8 +78,6 @@ SPACINGS = ("linear", "log")
 DEFAULT_POINTS = 8      # measurements per trial when neither points nor every is set
 UNION_EXAMPLES = 1024  # memory bound of the mean set's union passes (examples per pass)
 NVAR_EPS, SNR_EPS = 1e-7, 1e-10
-# Fixed histogram edges in log10 |g|: 4 bins per decade over [1e-12, 1e2].
-LOG10_LOW, LOG10_HIGH, BINS_PER_DECADE = -12, 2, 4
 
 
 @dataclass(frozen=True)
@@ -298,41 +297,6 @@ class _Moments:
                 C.variance_key(prefix, "logsnr"): ((self.sq + SNR_EPS).log()
                                          - (self.dev + SNR_EPS).log()).mean(),
                 C.variance_key(prefix, "gnorm"): self.sq.sum() / n / nw}
-
-
-def magnitude_histograms(grads: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """Per tensor, counts of log10|g| on fixed edges; exact zeros, values below the first edge
-    and at or above the last edge are counted apart (``zeros``, ``underflow``,
-    ``overflow``). One bincount over all tensors (slot = tensor × (bins + 3) + bin)."""
-    edges = histogram_edges()
-    bins = len(edges) - 1
-    slots = bins + 3                                  # bins, zeros, underflow, overflow
-    a = torch.cat([g.detach().reshape(-1) for g in grads]).abs().double()
-    pos = (a.log10() - LOG10_LOW) * BINS_PER_DECADE   # -inf for exact zeros
-    code = torch.where(a == 0, bins, torch.where(pos < 0, bins + 1, torch.where(
-        pos >= bins, bins + 2, pos.clamp(0, bins - 1).floor()))).long()
-    owner = torch.repeat_interleave(torch.arange(len(grads), device=a.device),
-                                    torch.tensor([g.numel() for g in grads], device=a.device))
-    table = torch.bincount(owner * slots + code, minlength=len(grads) * slots)
-    return [{"edges": edges, "counts": row[:bins], "zeros": row[bins],
-             "underflow": row[bins + 1], "overflow": row[bins + 2]}
-            for row in table.view(len(grads), slots).tolist()]
-
-
-def log10_span(grads: list[torch.Tensor], low: float = 0.01, high: float = 0.99) -> float:
-    """Decades between the ``low`` and ``high`` quantiles of |g| over every nonzero entry
-    (the gradient-scales notebook's point: one network's gradients span many decades)."""
-    a = torch.cat([g.detach().reshape(-1) for g in grads]).abs()
-    logs = a[a > 0].double().log10()
-    if logs.numel() == 0:
-        return 0.0
-    k_low, k_high = (max(1, min(logs.numel(), round(q * logs.numel()))) for q in (low, high))
-    return float(logs.kthvalue(k_high).values - logs.kthvalue(k_low).values)
-
-
-def histogram_edges() -> list[float]:
-    bins = (LOG10_HIGH - LOG10_LOW) * BINS_PER_DECADE
-    return [LOG10_LOW + i / BINS_PER_DECADE for i in range(bins + 1)]
 
 
 def measurement_iterations(total: int, points: int, spacing: str = "linear", start: int = 0
