@@ -37,6 +37,7 @@ MEASURE_S = "measure_s"               # variance-probe seconds
 SHADOW_GRAD_EVALS = "shadow_grad_evals"  # the shadow estimators' scheduled work (not training)
 LR = "lr"
 DIVERGED_FLAG = "diverged"            # the metric: 1 once the trial diverged
+REACHED_TARGET = "reached_target"     # 1 once the spec's stop target is met (the trial is done)
 TRAIN_BATCH_LOSS = "train_batch_loss"  # mean of the epoch's mini-batch losses
 TRAIN_LOSS, TRAIN_ACCURACY = "train_loss", "train_accuracy"
 VAL_LOSS, VAL_ACCURACY = "val_loss", "val_accuracy"
@@ -44,8 +45,8 @@ TEST_LOSS, TEST_ACCURACY = "test_loss", "test_accuracy"
 SPLIT_METRICS = {"train": (TRAIN_LOSS, TRAIN_ACCURACY), "val": (VAL_LOSS, VAL_ACCURACY),
                  "test": (TEST_LOSS, TEST_ACCURACY)}          # split -> (loss, accuracy)
 EPOCH_METRICS = (EPOCH, ITERATION, GRAD_EVALS, TIME_S, MEASURE_S, SHADOW_GRAD_EVALS, LR,
-                 DIVERGED_FLAG, TRAIN_BATCH_LOSS, TRAIN_LOSS, TRAIN_ACCURACY, VAL_LOSS, VAL_ACCURACY,
-                 TEST_LOSS, TEST_ACCURACY)
+                 DIVERGED_FLAG, REACHED_TARGET, TRAIN_BATCH_LOSS, TRAIN_LOSS, TRAIN_ACCURACY,
+                 VAL_LOSS, VAL_ACCURACY, TEST_LOSS, TEST_ACCURACY)
 VALIDATION_METRICS = (VAL_LOSS, VAL_ACCURACY)  # only with dataset.val_fraction > 0
 RUN_ID_KEY = "mlflow_run_id"          # reported to Tune beside the metrics (the driver needs it)
 BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>

@@ -177,6 +177,7 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
             c.measure_s += time.perf_counter() - t0
         metrics = _epoch_metrics(model, opt, (train, val, test), c, losses)
         c.reached_target = config.stop is not None and config.stop.reached(metrics)
+        metrics[C.REACHED_TARGET] = int(c.reached_target)
         log(metrics, c.iteration)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "probe": probe.state_dict() if probe is not None else None,

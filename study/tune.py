@@ -164,8 +164,8 @@ class TrialOutcomes(Callback):
             return   # never reported: a trial removed before it started has no run
         if result.get(C.DIVERGED_FLAG):
             status = C.DIVERGED
-        elif result.get(C.EPOCH, 0) >= self.epochs:
-            status = C.FINISHED
+        elif result.get(C.EPOCH, 0) >= self.epochs or result.get(C.REACHED_TARGET):
+            status = C.FINISHED       # every epoch, or the spec's stop target reached
         else:
             status = C.STOPPED
         settle(self.uri, result[C.RUN_ID_KEY], status)
