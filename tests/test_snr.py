@@ -78,3 +78,24 @@ def test_step_applies_lr_times_direction():
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(ValueError, match=f"snr.options.{field}"):
         make_optimizer("snr", MLP(4, [3], 2), loss_fn, lr=0.1, variant="I", **bad)
+
+
+@pytest.mark.parametrize("alpha", [1e-9, 30.0, 1e9])
+def test_frac_damped_counts_the_entries_the_noise_damped(alpha):
+    """SNR-I with loss_scale 1: an entry is damped exactly where α·σ + ε > 1, counted from the
+    float64 per-example loop; α = 1e-9 damps nothing (the step is SGD's), α = 1e9 every entry
+    with σ > 1e-9."""
+    torch.manual_seed(0)
+    model = MLP(8, [6], 3).double()
+    x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    batch = Batch(x, y, torch.arange(10))
+    opt = make_optimizer("snr", model, loss_fn, 0.1, "I", alpha=alpha, loss_scale=1.0)
+    d = opt.direction(batch)
+    opt.step(d)
+    g = torch.cat([t.reshape(10, -1) for t in per_example_grads(model, x, y)], dim=1)
+    expected = float((alpha * g.std(0, unbiased=False) + 1e-5 > 1).double().mean())
+    assert opt.metrics()["snr/frac_damped"] == pytest.approx(expected, abs=1e-12)
+    if alpha == 1e-9:
+        assert expected == 0.0
+    else:
+        assert expected > 0.0

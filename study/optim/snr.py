@@ -90,6 +90,7 @@ class SNR(Optimizer):
         super().__init__(model, loss_fn, lr, variant, **options)
         alpha = self.opts.alpha
         self.alpha = DEFAULT_ALPHA[self.variant] if alpha is None else alpha
+        self.frac_damped: float | None = None
 
     def direction(self, batch) -> Direction:
         classes: list[int] = []
@@ -103,4 +104,23 @@ class SNR(Optimizer):
         scale = self.opts.loss_scale if self.opts.loss_scale is not None else 1.0 / classes[0]
         tensors = [snr_scaled(self.variant, t, q, stats.n, self.alpha, self.opts.eps, scale)
                    for t, q in zip(stats.sum, stats.sum_sq)]
-        return Direction(tensors, stats.loss, grad_evals=stats.n)
+        # entries the noise damped (|scaled| < |mean|): how much SNR departs from SGD here
+        damped = sum(int((d.abs() < (t / stats.n).abs()).sum()) for d, t in zip(tensors,
+                                                                                stats.sum))
+        return Direction(tensors, stats.loss, grad_evals=stats.n,
+                         extras={"frac_damped": damped / sum(t.numel() for t in tensors)})
+
+    def step(self, direction: Direction) -> None:
+        super().step(direction)
+        self.frac_damped = direction.extras.get("frac_damped")
+
+    def metrics(self) -> dict[str, float]:
+        """Fraction of entries the last step damped (0: this step was plain SGD's)."""
+        return {} if self.frac_damped is None else {"snr/frac_damped": self.frac_damped}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "frac_damped": self.frac_damped}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.frac_damped = state.get("frac_damped")
