@@ -203,7 +203,7 @@ def format_claims(paths: list[Path]) -> str:
     verdict."""
     rows = []
     for path in paths:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={"threshold": str, "reason": str})
         for _, r in frame.iterrows():
             ci = ("" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3g}, {r['ci_high']:.3g}]")
             value = "–" if pd.isna(r["value"]) else f"{r['value']:.3g}{ci}"

@@ -192,3 +192,22 @@ def test_the_report_opens_with_the_claims_and_logs_them_on_the_parent(study):
     assert "claim/no_shadow/value" not in run.data.metrics
     logged = {a.path for a in client.list_artifacts(parent, C.REPORT_DIR)}
     assert f"{C.REPORT_DIR}/{C.CLAIMS_ARTIFACT}" in logged
+
+
+def test_the_printed_claims_table_shows_every_threshold(tmp_path):
+    """Numeric thresholds only (a column pandas would read as floats) and a range, from the
+    claims.csv the report writes: each shows with its comparison."""
+    results = [claims.ClaimResult(
+        {"name": name, "statistic": "best_test_accuracy", "compare": compare,
+         "threshold": threshold}, stats.Estimate(value, value - 1, value + 1, 3), verdict, "")
+        for name, compare, threshold, value, verdict in (
+            ("a", ">", 0.5, 2.0, C.HOLDS), ("b", "<", 0, 2.0, C.DOES_NOT_HOLD))]
+    for name, rows in (("numbers", results), ("range", [claims.ClaimResult(
+            {"name": "c", "compare": "within", "threshold": [66, 70]},
+            stats.Estimate(67.0), C.INCONCLUSIVE, "no interval")])):
+        folder = tmp_path / name
+        folder.mkdir()
+        claims.claims_csv(rows, folder / C.CLAIMS_ARTIFACT)
+    text = claims.format_claims([tmp_path / n / C.CLAIMS_ARTIFACT for n in ("numbers", "range")])
+    assert "> 0.5" in text and "< 0" in text and "within [66, 70]" in text
+    assert "2 [1, 3]" in text and "inconclusive (no interval)" in text
