@@ -100,6 +100,8 @@ def critical_batch_front(trials: pd.DataFrame, metrics: pd.DataFrame,
                 n_marked += 1
         ax.set_xscale("log")
         ax.set_yscale("log")
+        plain_log_ticks(ax, "x")
+        plain_log_ticks(ax, "y")
         ax.set_xlabel("examples to target E")
         ax.set_ylabel("steps to target S")
         ax.set_title(title, fontsize=9)
