@@ -14,6 +14,7 @@ from analysis.style import FigureResult, panel_grid, plain_log_ticks, save_png, 
 from study import contract as C
 
 STATS = {"var": "variance", "nvar": "normalized variance"}
+FLOOR = 1e-3   # y axis bottom: at most this far below the median (a value of ~0 runs off it)
 
 
 def estimators_of(metrics: pd.DataFrame) -> list[str]:
@@ -39,14 +40,19 @@ def estimator_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -
     for r, row in enumerate(rows):
         run = metrics[metrics["run_id"] == row["run_ids"][0]]
         for ax, (stat, title) in zip(axes[r], STATS.items()):
+            values = []
             for name in names:
                 series = run[run["key"] == C.variance_key(name, stat)].sort_values("step")
                 if series.empty:
                     continue
                 ax.plot(series["step"], series["value"], marker=".",
                         ls=":" if name == C.DIRECTION else "-", label=_label(name))
+                values += list(series["value"])
                 n_series += 1
             ax.set_yscale("log")
+            positive = np.array([v for v in values if v > 0])
+            if positive.size:   # SVRG right after a snapshot is ~0: keep the curves readable
+                ax.set_ylim(bottom=max(positive.min(), np.median(positive) * FLOOR) / 2)
             plain_log_ticks(ax)
             ax.set_xlabel("iteration")
             ax.set_ylabel(f"{title} (log scale)")

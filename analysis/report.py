@@ -47,7 +47,8 @@ FIGURE_CAPTIONS = {
     "grad_histograms": "Histograms of |gradient entries| over training (log-log).",
     "estimators": "Variance and normalized variance of every estimator measured along one "
                   "trajectory (the first seed of each tuned setting): the trial's update, SGD "
-                  "at B and the shadow estimators at the same weights (Faghri et al., Fig. 2).",
+                  "at B and the shadow estimators at the same weights (Faghri et al., Fig. 2); "
+                  "SVRG's variance is ~0 right after a snapshot (below the axis).",
     "critical_batch_front": "Steps against examples to the target training loss at each batch "
                             "size's best lr, the fitted front (S/S_min − 1)(E/E_min − 1) = 1 "
                             "and the batch size B_simple predicts (McCandlish et al., Fig. 3).",
