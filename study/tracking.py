@@ -226,7 +226,9 @@ class TrialRun:
                  params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str],
                  retry_s: float = RETRY_S):
         self.uri = uri
-        self.client = client = Patient(client_for(uri), retry_s)
+        # a tracking server can restart under a trial; a sqlite file cannot, so no waiting there
+        remote = uri.startswith(("http://", "https://"))
+        self.client = client = Patient(client_for(uri), retry_s if remote else 0.0)
         query = (f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
                  f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
         found = (client.search_runs([experiment_id], query, max_results=1) or [None])[0]

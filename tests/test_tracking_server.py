@@ -106,9 +106,11 @@ def test_server_restarted_mid_study_keeps_every_metric_once(pg_mlflow, tmp_path,
     assert at_kill < total, "every metric was in before the kill: nothing was restarted"
     wait_all(procs, tmp_path / "logs", timeout_s=600)
     check_store(pg, experiment, parent, epochs)
-    waited = sum("retrying" in (tmp_path / "logs" / f"{i}.log").read_text()
-                 for i in range(TRIALS))
-    print(f"{waited} of {TRIALS} trials waited for the server in study.tracking")
+    texts = [(tmp_path / "logs" / f"{i}.log").read_text() for i in range(TRIALS)]
+    waited = sum("retrying" in t for t in texts)
+    pool = sum("3o7r" in t for t in texts)   # the server's database pool ran dry (BAD_REQUEST)
+    print(f"{waited} of {TRIALS} trials waited for the server in study.tracking "
+          f"({pool} of them on a pool timeout)")
     if http_retries == "none":
         assert waited, "no trial needed study.tracking's retries: the restart tested nothing"
 
@@ -120,33 +122,69 @@ def head_command(word: str) -> str:
     return next(c for c in cfg["head_start_ray_commands"] if word in c)
 
 
-def test_cluster_head_starts_postgres_on_a_socket(postgres, tmp_path_factory):
-    """cluster.yaml's PostgreSQL command, run as a head would (twice: every `ray up` runs it),
-    gives a running cluster with the ``mlflow`` database on a Unix socket and no TCP port."""
+@pytest.mark.slow
+def test_cluster_head_commands_start_postgres_and_mlflow(postgres):
+    """cluster.yaml's head commands run as a head runs them (each twice: every `ray up` does):
+    PostgreSQL with the ``mlflow`` database on a Unix socket and no TCP port, then the MLflow
+    server on it, which the second run replaces (its whole process group) on the same port.
+    Changed for a test machine: the server's address (127.0.0.1 and a free port)."""
     import pwd
     import shutil
+    import urllib.request
 
+    from conftest import free_port
     from postgres import run_as
 
-    user = run_as()
+    user, me = run_as(), pwd.getpwuid(os.geteuid()).pw_name
     home = Path(tempfile.mkdtemp(prefix="gs-head-", dir="/tmp"))
+    (home / "gradstudy").mkdir()
     if user:
         shutil.chown(home, user)
     as_user = ["runuser", "-u", user, "--"] if user else []
-    env = ["env", f"HOME={home}", f"PATH={os.environ['PATH']}"]
-    pgdata = home / "gradstudy-pg"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = ["env", f"HOME={home}", f"PATH={path}"]
+    pgdata, port = home / "gradstudy-pg", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = head_command("mlflow server").replace("--port 5000", f"--port {port}")
+    server = server.replace('HEAD_IP=$(hostname -I | cut -d" " -f1)', "HEAD_IP=127.0.0.1")
+
+    def run(command: str, *prefix: str) -> str:
+        done = subprocess.run([*prefix, *env, "bash", "-c", command], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def healthy(timeout_s: float = 240) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                return int((home / "gradstudy-mlflow.pid").read_text())
+            except (OSError, ValueError):
+                time.sleep(1)
+        pytest.fail(f"no MLflow server on {uri}: {(home / 'gradstudy-mlflow.log').read_text()}")
+
+    group = None
     try:
         for _ in range(2):
-            done = subprocess.run([*as_user, *env, "bash", "-c", head_command("initdb")],
-                                  capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stdout + done.stderr
-        listed = subprocess.run([*as_user, "psql", "-h", str(pgdata), "-d", "mlflow", "-tAc",
-                                 "SELECT current_database(), current_setting('listen_addresses')"],
-                                capture_output=True, text=True, timeout=60)
-        assert listed.stdout.split() == ["mlflow|"], listed.stdout + listed.stderr
-        assert pwd.getpwuid((pgdata / "PG_VERSION").stat().st_uid).pw_name == (
-            user or pwd.getpwuid(os.geteuid()).pw_name)
+            run(head_command("initdb"), *as_user)
+        psql = ["psql", "-h", str(pgdata), "-d", "mlflow", "-tAc"]
+        listed = run(" ".join([*psql, '"SELECT current_setting(\'listen_addresses\')"']),
+                     *as_user)
+        assert listed.strip() == "", f"PostgreSQL listens on TCP: {listed!r}"
+        if user:   # peer authentication: our OS user needs a role of the same name
+            run(" ".join([*psql, f'"CREATE ROLE {me} LOGIN SUPERUSER"']), *as_user)
+        run(server)
+        group = healthy()
+        run(server)                      # `ray up` again: the old server goes, a new one comes
+        new_group = healthy()
+        assert new_group != group
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)          # nothing of the old server is left
+        group = new_group
     finally:
+        if group:
+            os.killpg(group, signal.SIGTERM)   # the server this test started
         subprocess.run([*as_user, str(postgres.bin / "pg_ctl"), "-D", str(pgdata), "-m", "fast",
                         "-w", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(home, ignore_errors=True)
