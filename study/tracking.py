@@ -5,20 +5,33 @@ talk to the store independently. A trial finds its child run again by its Ray tr
 a resumed trial keeps logging into the run it started, exactly once per step. A trial run's
 final status (``study.contract``) is written by the trial when it ends by itself and by the
 driver when Tune ends it (stopped by the scheduler, errored, interrupted).
+
+A trial's writes outlive a tracking server restart (``Patient``): each call is retried with the
+same arguments, so a metric's replay carries its first timestamp and the store's primary key
+(run, key, timestamp, step, value) makes it a no-op instead of a second row.
 """
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from study import contract as C
+
+log = logging.getLogger(__name__)
+RETRY_S = 900.0   # how long a trial waits for its tracking server before it fails
+TRANSIENT = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+             "REQUEST_LIMIT_EXCEEDED"}
+POOL_TIMEOUT = "/3o7r"   # in the link SQLAlchemy puts in its message (sqlalche.me/e/<v>/3o7r)
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,6 +114,45 @@ def check_sqlite_file(uri: str) -> None:
                               f"{problem.splitlines()[0]} (move the file aside or fix the URI)")
 
 
+def transient(err: Exception) -> bool:
+    """A failure worth waiting out: the server unreachable or overloaded (MLflow's client has
+    already retried the request itself), not a bad request. The server reports its database
+    connection pool running dry (every trial retrying at once after a restart) as BAD_REQUEST
+    (mlflow/store/db/utils.py maps any SQLAlchemyError but OperationalError so): that one is
+    recognised by SQLAlchemy's error code for a pool timeout, 3o7r."""
+    if isinstance(err, MlflowException):
+        return err.error_code in TRANSIENT or (
+            err.error_code == "INTERNAL_ERROR" and not isinstance(err, RestException)) or (
+            err.error_code == "BAD_REQUEST" and POOL_TIMEOUT in str(err))
+    return isinstance(err, OSError)   # requests' ConnectionError is one
+
+
+class Patient:
+    """An ``MlflowClient`` whose calls wait out a tracking server that is down or restarting
+    (up to ``RETRY_S``), replaying the same arguments; MLflow's own HTTP retries give up after
+    about 4 minutes and leave a trial crashed over a server that came back."""
+
+    def __init__(self, client: MlflowClient, retry_s: float = RETRY_S):
+        self.client, self.retry_s = client, retry_s
+
+    def __getattr__(self, name: str):
+        call = getattr(self.client, name)
+
+        def patiently(*args, **kwargs):
+            deadline, pause = time.monotonic() + self.retry_s, 1.0
+            while True:
+                try:
+                    return call(*args, **kwargs)
+                except Exception as err:  # noqa: BLE001 - transient() decides
+                    if not transient(err) or time.monotonic() + 1.5 * pause > deadline:
+                        raise
+                    log.warning("tracking server unavailable (%s); retrying %s in %.0f s",
+                                str(err).splitlines()[0][:200], name, pause)
+                    time.sleep(pause * random.uniform(0.5, 1.5))  # trials out of step
+                    pause = min(2 * pause, 30.0)
+        return patiently
+
+
 def study_parent(uri: str, exp_id: str, study: str, parent_run_id: str | None,
                  params: dict[str, Any], artifacts: dict[str, Any]) -> str:
     """The sweep's parent run: ``parent_run_id`` when given (a resumed sweep), else a new one
@@ -147,10 +199,11 @@ def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: s
     return found[0] if found else None
 
 
-def settle(uri: str, run_id: str, status: str, current: str | None = None) -> None:
+def settle(uri: str, run_id: str, status: str, current: str | None = None,
+           client: MlflowClient | Patient | None = None) -> None:
     """Give a trial run its final status tag and the MLflow run status that goes with it
     (written only when it changes, so a run's end time stays the trial's own)."""
-    client = client_for(uri)
+    client = client or client_for(uri)
     if current is None:
         current = client.get_run(run_id).data.tags.get(C.TAG_STATUS)
     if current != status:
@@ -167,13 +220,18 @@ def mark_interrupted(uri: str, experiment_id: str, parent_run_id: str) -> int:
 
 
 class TrialRun:
-    """The child run of one trial."""
+    """The child run of one trial; every write waits out a tracking server restart."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str]):
+                 params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str],
+                 retry_s: float = RETRY_S):
         self.uri = uri
-        self.client = client_for(uri)
-        found = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
+        # a tracking server can restart under a trial; a sqlite file cannot, so no waiting there
+        remote = uri.startswith(("http://", "https://"))
+        self.client = client = Patient(client_for(uri), retry_s if remote else 0.0)
+        query = (f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
+                 f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
+        found = (client.search_runs([experiment_id], query, max_results=1) or [None])[0]
         if found:
             self.run_id = found.info.run_id
             self.logged = {k: max(m.step for m in self.client.get_metric_history(self.run_id, k))
@@ -185,7 +243,13 @@ class TrialRun:
                 experiment_id, run_name=run_name(params),
                 tags={C.TAG_PARENT: parent_run_id, C.TAG_KIND: C.KIND_TRIAL,
                       C.TAG_TRIAL_ID: trial_id, C.TAG_STATUS: C.RUNNING, **tags})
-            self.run_id = run.info.run_id
+            # a create replayed after the server committed it but died before answering
+            # leaves a twin: every process of this trial keeps the oldest run, drops the rest
+            twins = sorted(client.search_runs([experiment_id], query),
+                           key=lambda r: (r.info.start_time, r.info.run_id)) or [run]
+            self.run_id = twins[0].info.run_id
+            for twin in twins[1:]:
+                client.delete_run(twin.info.run_id)
             self.logged: dict[str, int] = {}
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000])
                                                        for k, v in params.items()])
@@ -193,7 +257,8 @@ class TrialRun:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log once per step: on resume, steps the store already holds are skipped (training
-        is deterministic, so they would carry the same values)."""
+        is deterministic, so they would carry the same values); a retried batch is the same
+        Metric objects, timestamps included, so a replay stores nothing twice."""
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
                  if step > self.logged.get(k, -1)]
@@ -210,7 +275,7 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str) -> None:
-        settle(self.uri, self.run_id, status, current=C.RUNNING)
+        settle(self.uri, self.run_id, status, current=C.RUNNING, client=self.client)
 
 
 def run_name(config: dict[str, Any]) -> str:
@@ -220,7 +285,7 @@ def run_name(config: dict[str, Any]) -> str:
     return f"{family} lr={config['lr']:.3g} bs={config['batch_size']} · {model}/{rest}"
 
 
-def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str,
+def log_dataset(client: MlflowClient | Patient, run_id: str, name: str, digest: str, source: str,
                 context: str = "training") -> None:
     """The trial's data as an MLflow dataset input (the runs table's Dataset column)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag

@@ -36,23 +36,26 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow ui`` (one worker, no job runner: ~8 s and ~0.5 GiB, unlike ``mlflow server``)
-    on 127.0.0.1 with its own sqlite store and artifact folder."""
+    """An MLflow tracking server (one worker, no job runner) on 127.0.0.1 with its own
+    artifact folder: ``mlflow ui`` on a sqlite store by default (~8 s and ~0.5 GiB), or
+    ``mlflow server`` on ``backend`` (a PostgreSQL URI: what a cluster's head runs)."""
 
-    def __init__(self, folder: Path, port: int | None = None):
+    def __init__(self, folder: Path, port: int | None = None, backend: str | None = None):
         self.folder = folder
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.db = folder / "mlflow.db"
+        self.backend = backend
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90.0) -> MlflowServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         mlflow = Path(sys.executable).with_name("mlflow")
-        self.log = open(self.folder / "server.log", "w")
+        self.log = open(self.folder / "server.log", "a")
         self.proc = subprocess.Popen(
-            [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{self.db}",
+            [str(mlflow), "server" if self.backend else "ui",
+             "--backend-store-uri", self.backend or f"sqlite:///{self.db}",
              "--artifacts-destination", str(self.folder / "mlartifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             cwd=self.folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -60,19 +63,20 @@ class MlflowServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited: {(self.folder / 'server.log').read_text()}")
+                raise RuntimeError(f"mlflow exited: {(self.folder / 'server.log').read_text()}")
             try:
                 urllib.request.urlopen(self.uri + "/health", timeout=2)
                 return self
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"mlflow ui did not answer on {self.uri} in {timeout_s:.0f}s")
+        raise RuntimeError(f"mlflow did not answer on {self.uri} in {timeout_s:.0f}s")
 
-    def stop(self) -> None:
-        """Stop the server's own process group (the one this object started), nothing else."""
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server's own process group (the one this object started), nothing else;
+        ``sig=SIGKILL`` is a crash (requests in flight get no answer)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, sig)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -87,6 +91,31 @@ class MlflowServer:
 def mlflow_server(tmp_path):
     """A running MLflow tracking server; ``.uri`` is its http://127.0.0.1:<port> address."""
     server = MlflowServer(tmp_path / "mlflow-server").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (tests/postgres.py) for the whole session; skips where
+    the server binaries or the driver are missing (.ci/run installs both)."""
+    pytest.importorskip("psycopg", reason="psycopg missing: pip install -e '.[test]'")
+    from postgres import Postgres, binaries
+
+    if binaries() is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install -y postgresql)")
+    cluster = Postgres(free_port()).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow(postgres, tmp_path_factory):
+    """``mlflow server`` on the PostgreSQL cluster: a cluster head's tracking server.
+    ``.postgres`` reads the database directly; ``.stop()`` / ``.start()`` restart it."""
+    server = MlflowServer(tmp_path_factory.mktemp("pg-mlflow"), backend=postgres.uri)
+    server.postgres = postgres
+    server.start(timeout_s=180)
     yield server
     server.stop()
 

@@ -2,7 +2,9 @@
 
 `ray up` is the only real test of a cluster file and needs a cloud account; what can be checked
 without one is checked here: Ray's own schema validation, the GPU worker shape, the image, that
-nothing we start listens on every interface, and that no credential ends up in the repository.
+nothing we start listens on every interface, that the head's MLflow server runs on its own
+PostgreSQL, and that no credential ends up in the repository. (tests/test_tracking_server.py runs
+the head's PostgreSQL command for real.)
 """
 from __future__ import annotations
 
@@ -101,13 +103,48 @@ def test_head_starts_ray_and_mlflow_on_a_private_address(name):
     hosts = flag_values(mlflow[0], "--host")
     assert hosts and all(h not in EVERY_INTERFACE for h in hosts), hosts
     assert "hostname -I" in mlflow[0], "bound to the head's private IP"
-    assert "sqlite:///" in mlflow[0] and "--artifacts-destination" in mlflow[0]
+    assert "--artifacts-destination" in mlflow[0] and "--port 5000" in mlflow[0]
     for command in commands(cfg):
         for flag in ("--host", "--dashboard-host", "--node-ip-address"):
             for value in flag_values(command, flag):
                 assert value not in EVERY_INTERFACE, (flag, command)
 
 
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_head_runs_mlflow_on_its_own_postgresql(name):
+    """The cluster's store is PostgreSQL (concurrent writers), installed from the OS packages
+    on the head, started before the server, on a Unix socket only (no TCP port to protect)."""
+    cfg = load(name)
+    setup = " ".join(cfg["head_setup_commands"])
+    assert "apt-get install" in setup and "postgresql" in setup
+    assert "gradstudy[cluster]" in setup, "the head needs the PostgreSQL driver (psycopg)"
+    start = cfg["head_start_ray_commands"]
+    server = next(i for i, c in enumerate(start) if "mlflow server" in c)
+    postgres = [i for i, c in enumerate(start) if "pg_ctl" in c and "initdb" in c]
+    assert postgres and postgres[0] < server, "PostgreSQL starts before the MLflow server"
+    pg = start[postgres[0]]
+    assert "listen_addresses=''" in pg and "unix_socket_directories=" in pg, pg
+    assert "--auth-local=peer" in pg and "trust" not in pg, pg
+    stores = flag_values(start[server], "--backend-store-uri")
+    assert len(stores) == 1 and stores[0].startswith("postgresql://"), stores
+    assert "?host=$HOME/gradstudy-pg" in stores[0], "the socket folder PostgreSQL listens in"
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in start[server]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_nodes_know_the_tracking_server_address(name):
+    """What a cluster study sets as ``tracking.uri``: http://<head-private-ip>:5000."""
+    setup = " ".join(load(name)["setup_commands"])
+    assert "GRADSTUDY_TRACKING_URI=http://$(hostname -I" in setup and ":5000" in setup
+
+
+def test_the_cluster_extra_has_the_postgresql_driver():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra in ("cluster", "test"):
+        assert any(d.startswith("psycopg") for d in extras[extra]), extra
 @pytest.mark.parametrize("name", CLUSTER_FILES)
 def test_nodes_install_this_project_and_know_the_storage(name):
     cfg = load(name)
