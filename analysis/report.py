@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import claims as claims_mod
-from analysis import figures_studies
-from analysis import figures, protocol, summary, tables
+from analysis import figures, figures_studies, protocol, summary, tables
 
 # One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

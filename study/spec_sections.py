@@ -296,7 +296,8 @@ class TrackingSpec(Strict):
 
 
 NUMBER_PARAMS = ("target",)                 # claim parameters that are numbers
-VARIANCE_PARAMS = ("estimator", "lower", "upper", "value", "better", "worse")  # var/<name>_<statistic> keys
+# claim parameters naming var/<name>_<statistic> keys
+VARIANCE_PARAMS = ("estimator", "lower", "upper", "value", "better", "worse")
 METRIC_PARAMS = ("x", "y")                                   # a final metric of every trial
 NAME_PARAMS = ("family", "baseline", "model", "dataset")
 

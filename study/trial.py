@@ -29,8 +29,8 @@ from study.data import DataSplit, epoch_generator, input_shape, load_dataset, nu
 from study.models import build_model
 from study.optim import Context, make_optimizer
 from study.plugins import import_plugins
-from study.spec import DatasetSpec, Spec
 from study.shadows import Shadow
+from study.spec import DatasetSpec, Spec
 from study.variance import VarianceProbe
 
 DIVERGENCE_FACTOR = 10.0     # a batch loss this many times the initial loss ends the trial

@@ -34,8 +34,8 @@ def test_estimator_curves_draw_every_estimator_on_one_trajectory(tmp_path):
     for name in ("dir", "sgd", "sgd_2b", "svrg", "gc"):
         for stat in ("var", "nvar"):
             for step in (0, 10, 20):
-                rows += [("r0", f"var/{name}_{stat}", step, 1.0 + step), ("r1", f"var/{name}_{stat}",
-                                                                         step, 5.0)]
+                key = f"var/{name}_{stat}"
+                rows += [("r0", key, step, 1.0 + step), ("r1", key, step, 5.0)]
     metrics = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
     assert estimators_of(metrics) == ["dir", "sgd", "gc", "sgd_2b", "svrg"]
     best = pd.DataFrame([{"model": "mlp", "family": "sgd", "lr": 0.1, "batch_size": 128,
