@@ -22,6 +22,7 @@ import torch
 from study import contract as C
 from study.data import DataSplit, epoch_generator
 from study.optim import Context, Optimizer, make_optimizer
+from study.optim.base import scheduled_work
 
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 SHADOW_STREAM = -100
@@ -117,13 +118,10 @@ class Shadow:
 
     def work(self, counter: int, unit: str = "iter") -> int:
         """The shadow's scheduled work due at ``counter``, RNG-isolated; returns its cost."""
-        if unit == "iter":
-            self.ctx.iteration = counter
-        due = [w for w in self.periodic if w.due(unit, counter)]
-        if not due:
-            return 0
+        if not any(w.due(unit, counter) for w in self.periodic):
+            return 0                  # the common case: no RNG fork on every iteration
         with torch.random.fork_rng(devices=_devices(self.opt)):
-            cost = sum(w.run(self.ctx) for w in due)
+            cost = scheduled_work(self.periodic, self.ctx, counter, unit)
         self.grad_evals += cost
         return cost
 

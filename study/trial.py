@@ -28,6 +28,7 @@ from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
 from study.models import build_model
 from study.optim import Context, make_optimizer
+from study.optim.base import scheduled_work  # noqa: F401 (tests and bench import it here)
 from study.plugins import import_plugins
 from study.shadows import Shadow
 from study.spec import DatasetSpec, Spec
@@ -188,14 +189,6 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         if stop_after is not None and c.epoch >= stop_after:
             break
     return metrics
-
-
-def scheduled_work(periodic: list, ctx: Context, counter: int, unit: str = "iter") -> int:
-    """Run the work of ``unit`` due at ``counter`` (the iteration about to step, or the number
-    of finished epochs); return its cost in gradient evaluations."""
-    if unit == "iter":
-        ctx.iteration = counter
-    return sum(work.run(ctx) for work in periodic if work.due(unit, counter))
 
 
 def probe_step(probe, opt, iteration: int, log: LogFn | None = None, shadows: list = ()) -> int:

@@ -88,6 +88,15 @@ class Periodic:
         return self.unit == unit and self.every > 0 and counter % self.every == 0
 
 
+def scheduled_work(periodic: list[Periodic], ctx: Context, counter: int, unit: str = "iter"
+                   ) -> int:
+    """Run the work of ``unit`` due at ``counter`` (the iteration about to step, or the number
+    of finished epochs); return its cost in gradient evaluations."""
+    if unit == "iter":
+        ctx.iteration = counter
+    return sum(work.run(ctx) for work in periodic if work.due(unit, counter))
+
+
 class Optimizer:
     """Base class: the plain mini-batch gradient, applied by SGD with the options' momentum.
 
