@@ -1,8 +1,9 @@
 """MLflow bookkeeping: one parent run per sweep, one child run per trial.
 
 Uses ``MlflowClient`` only (no global active run), so the driver and every trial process
-talk to the store independently. A trial finds its child run again by its Ray trial id, so
-a resumed trial keeps logging into the run it started, exactly once per step. A trial run's
+talk to the store independently. A trial finds its child run again by the run id kept in its
+own files (``study.storage.TrialFiles``), so a resumed trial keeps logging into the run it
+started, exactly once per step. A trial run's
 final status (``study.contract``) is written by the trial when it ends by itself and by the
 driver when Tune ends it (stopped by the scheduler, errored, interrupted).
 """
@@ -140,6 +141,8 @@ def children(uri: str, experiment_id: str, parent_run_id: str, status: str | Non
 
 
 def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
+    """A trial's run by search: only for trials of sweeps stored before trials kept their
+    run id in their own files."""
     found = client_for(uri).search_runs(
         [experiment_id], filter_string=f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
                                        f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'",
@@ -167,19 +170,23 @@ def mark_interrupted(uri: str, experiment_id: str, parent_run_id: str) -> int:
 
 
 class TrialRun:
-    """The child run of one trial."""
+    """The child run of one trial: ``run_id`` when it has one (read by key, O(1)), else a new
+    run. Metrics are kept until ``flush`` (at checkpoints and at the end): one write per
+    checkpoint instead of one per epoch and per measurement."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str]):
+                 params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str],
+                 run_id: str | None = None):
         self.uri = uri
         self.client = client_for(uri)
-        found = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
-        if found:
-            self.run_id = found.info.run_id
-            self.logged = {k: max(m.step for m in self.client.get_metric_history(self.run_id, k))
-                           for k in found.data.metrics}
-            self.client.log_batch(self.run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING)])
-            self.client.set_terminated(self.run_id, "RUNNING")
+        self.pending: list[Metric] = []
+        if run_id is not None:
+            self.run_id = run_id
+            run = self.client.get_run(run_id)
+            self.logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k))
+                           for k in run.data.metrics}
+            self.client.log_batch(run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING)])
+            self.client.set_terminated(run_id, "RUNNING")
         else:
             run = self.client.create_run(
                 experiment_id, run_name=run_name(params),
@@ -195,8 +202,11 @@ class TrialRun:
         """Log once per step: on resume, steps the store already holds are skipped (training
         is deterministic, so they would carry the same values)."""
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if step > self.logged.get(k, -1)]
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                         if step > self.logged.get(k, -1)]
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
         for i in range(0, len(batch), 900):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
 
@@ -210,6 +220,7 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str) -> None:
+        self.flush()
         settle(self.uri, self.run_id, status, current=C.RUNNING)
 
 

@@ -1,0 +1,117 @@
+"""The Ray Tune function trainable: ``study.trial.run_trial`` wired to Tune, to the trial's
+MLflow child run and to its own files in the study's storage (``study.storage.TrialFiles``).
+
+What a trial costs besides training and measuring is kept small and flat: the run is found
+again by the id kept in the trial's files (no search over the experiment), metrics are logged
+in batches (flushed at checkpoints and at the end), the checkpoint is one file per trial,
+overwritten, and Tune gets a result only at the epochs that evaluate (those carry the search
+metric).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from study import contract as C
+from study.contract import optuna_lr_key
+from study.spec import DatasetSpec, Spec
+from study.storage import Storage, TrialFiles
+from study.trial import Phases, run_trial
+
+
+def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tune's config -> one point of the study's search. Grid configs carry the whole point
+    under ``trial``; Optuna configs name an arm and its sampled lr / batch size / seed."""
+    if "trial" in config:
+        return config["trial"]
+    arm = arms[config["arm"]]
+    return {**arm, "lr": config[optuna_lr_key(arm["family"])], "batch_size": config["batch_size"],
+            "seed": config["seed"]}
+
+
+def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]],
+              tracking: dict[str, str], storage: dict[str, str]) -> None:
+    """One trial, logged to its MLflow child run, its files in ``storage`` ({"root", "study"}
+    of ``study.storage.Storage``).
+
+    It writes the run's final status when the trial ends by itself (finished / diverged /
+    errored). When Tune ends it (the scheduler stops it, the sweep is interrupted), ``report``
+    raises ``SystemExit`` here and the driver writes the status instead."""
+    import ray
+    from ray import tune
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    phases = Phases()
+    with phases.timed("startup"):
+        cfg = spec.trial_config(search_point(config, arms))
+        torch.set_num_threads(cfg.threads)
+        device = "cuda" if cfg.gpu > 0 and torch.cuda.is_available() else "cpu"
+        trial_id = tune.get_context().get_trial_id()
+        files = TrialFiles(Storage(**storage), trial_id)
+        state, run = _resume(files, tracking, trial_id, cfg, spec.name)
+        run.set_tag(C.TAG_NODE_ID, ray.get_runtime_context().get_node_id())  # this attempt's
+    tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
+
+    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        histograms = metrics.pop("histograms", None)
+        if state is not None:
+            with phases.timed("log"):
+                run.flush()
+                if histograms:
+                    run.log_json(C.GRAD_HIST, histograms)
+            with phases.timed("checkpoint"):
+                files.save_state(state)
+        if spec.search.metric in metrics:       # an evaluated epoch: Tune needs the metric
+            with phases.timed("report"):
+                tune.report({**metrics, **tune_keys})
+
+    try:
+        final = run_trial(cfg, log=run.log, report=report, state=state, device=device,
+                          phases=phases)
+    except Exception:
+        run.end(C.ERRORED)
+        raise
+    run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
+            final.get(C.ITERATION, 0))
+    run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
+
+
+def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg, study: str):
+    """(checkpoint state or None, the trial's MLflow run): the run and state the trial's files
+    hold, else a new run. A trial of a sweep stored before trials had files resumes from Tune's
+    own checkpoint and finds its run by a search, once: from then on it has files."""
+    from ray import tune
+
+    from study.tracking import TrialRun, find_trial_run
+
+    run_id, state = files.run_id(), files.load_state()
+    if run_id is None and state is None and (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+        found = find_trial_run(tracking["uri"], tracking["experiment_id"],
+                               tracking["parent_run_id"], trial_id)
+        run_id = found.info.run_id if found else None
+    run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
+                   trial_id, cfg.params(),
+                   tags={C.TAG_STUDY: study, "family": cfg.family, "variant": cfg.variant,
+                         "model": cfg.model, "arm": cfg.arm},
+                   dataset=dataset_identity(cfg.dataset), run_id=run_id)
+    if run_id is None:
+        files.set_run_id(run.run_id)
+    return state, run
+
+
+def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
+    """Name, digest and source of the study's data for MLflow's dataset inputs: the digest is
+    of the settings that generate / select it (same settings, same examples)."""
+    import hashlib
+
+    # options at their defaults are left out, so the digest stays what it was before they existed
+    unset = {k for k in ("test_label_noise", "fresh", "augment") if not getattr(dataset, k)}
+    digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
+    size = f"-{dataset.size}" if dataset.size else ""
+    return {"name": f"{dataset.name}{size}", "digest": digest,
+            "source": str(Path(dataset.root).resolve() / dataset.name)}
