@@ -82,6 +82,11 @@ class TrialFiles:
     def __init__(self, storage: Storage, trial_id: str):
         self.fs = storage.fs
         self.base = f"{storage.path}/{TRIALS_DIR}/{trial_id}"
+        if storage.read_state() is None:   # the driver wrote it before any trial started
+            raise RuntimeError(
+                f"storage: {storage.study_uri} cannot be reached from this node (a local path "
+                "on a multi-node cluster?): give --storage a place every node reaches (s3://, "
+                "gs://, a shared file system)")
 
     def _read(self, suffix: str) -> bytes | None:
         try:

@@ -56,7 +56,11 @@ def test_a_trial_finds_its_run_by_the_id_in_its_files_without_a_search(tmp_path,
     monkeypatch.setattr(MlflowClient, "search_runs",
                         lambda self, *a, **k: searches.append(a) or [])
     monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: None)
-    files = TrialFiles(Storage(str(tmp_path / "results"), "s"), "t_00001")
+    with pytest.raises(RuntimeError, match="cannot be reached from this node"):
+        TrialFiles(Storage(str(tmp_path / "results"), "s"), "t_00001")   # no study folder
+    storage = Storage(str(tmp_path / "results"), "s")
+    storage.write_state({"parent_run_id": parent})          # as the driver does first
+    files = TrialFiles(storage, "t_00001")
 
     state, first = _resume(files, tracking, "t_00001", cfg, "s")
     assert state is None and files.run_id() == first.run_id
