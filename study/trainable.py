@@ -43,8 +43,11 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     import ray
     from ray import tune
 
+    from study.tracking import client_for
+
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    phases = Phases()
+    client_for(tracking["uri"])    # opens the store once per worker process, before a run starts
+    phases = Phases()              # what happens from here on is in the run's wall time
     with phases.timed("startup"):
         cfg = spec.trial_config(search_point(config, arms))
         torch.set_num_threads(cfg.threads)
