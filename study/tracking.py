@@ -170,9 +170,10 @@ def mark_interrupted(uri: str, experiment_id: str, parent_run_id: str) -> int:
 
 
 class TrialRun:
-    """The child run of one trial: ``run_id`` when it has one (read by key, O(1)), else a new
-    run. Metrics are kept until ``flush`` (at checkpoints and at the end): one write per
-    checkpoint instead of one per epoch and per measurement."""
+    """The child run of one trial: ``run_id`` when it has one (read by key, O(1); ``tags``
+    written again: the node id is this attempt's), else a new run. Metrics are kept until
+    ``flush`` (at checkpoints and at the end): one write per checkpoint instead of one per
+    epoch and per measurement."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                  params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str],
@@ -185,7 +186,8 @@ class TrialRun:
             run = self.client.get_run(run_id)
             self.logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k))
                            for k in run.data.metrics}
-            self.client.log_batch(run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING)])
+            self.client.log_batch(run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING),
+                                                *[RunTag(k, v) for k, v in tags.items()]])
             self.client.set_terminated(run_id, "RUNNING")
         else:
             run = self.client.create_run(
@@ -209,9 +211,6 @@ class TrialRun:
         batch, self.pending = self.pending, []
         for i in range(0, len(batch), 900):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
-
-    def set_tag(self, key: str, value: str) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, value)])
 
     def log_json(self, name: str, obj: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:

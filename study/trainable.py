@@ -54,8 +54,9 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         device = "cuda" if cfg.gpu > 0 and torch.cuda.is_available() else "cpu"
         trial_id = tune.get_context().get_trial_id()
         files = TrialFiles(Storage(**storage), trial_id)
-        state, run = _resume(files, tracking, trial_id, cfg, spec.name)
-        run.set_tag(C.TAG_NODE_ID, ray.get_runtime_context().get_node_id())  # this attempt's
+        node = ray.get_runtime_context().get_node_id()      # this attempt's node
+        state, run = _resume(files, tracking, trial_id, cfg, {C.TAG_STUDY: spec.name,
+                                                              C.TAG_NODE_ID: node})
     tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -82,7 +83,8 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
 
 
-def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg, study: str):
+def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg,
+            tags: dict[str, str]):
     """(checkpoint state or None, the trial's MLflow run): the run and state the trial's files
     hold, else a new run. A trial of a sweep stored before trials had files resumes from Tune's
     own checkpoint and finds its run by a search, once: from then on it has files."""
@@ -99,7 +101,7 @@ def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg, stu
         run_id = found.info.run_id if found else None
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
                    trial_id, cfg.params(),
-                   tags={C.TAG_STUDY: study, "family": cfg.family, "variant": cfg.variant,
+                   tags={**tags, "family": cfg.family, "variant": cfg.variant,
                          "model": cfg.model, "arm": cfg.arm},
                    dataset=dataset_identity(cfg.dataset), run_id=run_id)
     if run_id is None:

@@ -62,14 +62,15 @@ def test_a_trial_finds_its_run_by_the_id_in_its_files_without_a_search(tmp_path,
     storage.write_state({"parent_run_id": parent})          # as the driver does first
     files = TrialFiles(storage, "t_00001")
 
-    state, first = _resume(files, tracking, "t_00001", cfg, "s")
+    state, first = _resume(files, tracking, "t_00001", cfg, {"node_id": "n1"})
     assert state is None and files.run_id() == first.run_id
     first.log({"epoch": 1}, 5)
     first.end("interrupted")
     files.save_state({"counters": {"epoch": 1}})
-    state, again = _resume(files, tracking, "t_00001", cfg, "s")
+    state, again = _resume(files, tracking, "t_00001", cfg, {"node_id": "n2"})
     assert again.run_id == first.run_id and state == {"counters": {"epoch": 1}}
     assert again.logged == {"epoch": 5}          # steps already logged are not logged twice
+    assert MlflowClient(uri).get_run(again.run_id).data.tags["node_id"] == "n2"
     assert searches == []
 
 
