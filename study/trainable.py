@@ -4,8 +4,10 @@ MLflow child run and to its own files in the study's storage (``study.storage.Tr
 What a trial costs besides training and measuring is kept small and flat: the run is found
 again by the id kept in the trial's files (no search over the experiment), metrics are logged
 in batches (flushed at checkpoints and at the end), the checkpoint is one file per trial,
-overwritten, and Tune gets a result only at the epochs that evaluate (those carry the search
-metric).
+overwritten. Tune gets a result (a round trip through the driver, which the trial waits for)
+at the trial's first evaluated epoch, at its checkpoints and at its end, and at every
+evaluated epoch under ASHA, whose rungs are epochs; results carry the search metric, so
+epochs that ``evaluate.every`` skips are never reported. MLflow holds every epoch.
 """
 from __future__ import annotations
 
@@ -58,8 +60,11 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         state, run = _resume(files, tracking, trial_id, cfg, {C.TAG_STUDY: spec.name,
                                                               C.TAG_NODE_ID: node})
     tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
+    every_epoch = spec.scheduler.kind != "none"     # ASHA's rungs are epochs
+    reported = False
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        nonlocal reported
         histograms = metrics.pop("histograms", None)
         if state is not None:
             with phases.timed("log"):
@@ -68,9 +73,10 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
                     run.log_json(C.GRAD_HIST, histograms)
             with phases.timed("checkpoint"):
                 files.save_state(state)
-        if spec.search.metric in metrics:       # an evaluated epoch: Tune needs the metric
+        if spec.search.metric in metrics and (state is not None or not reported or every_epoch):
             with phases.timed("report"):
                 tune.report({**metrics, **tune_keys})
+            reported = True
 
     try:
         final = run_trial(cfg, log=run.log, report=report, state=state, device=device,
