@@ -207,10 +207,14 @@ class TrialRun:
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()
                          if step > self.logged.get(k, -1)]
 
-    def flush(self) -> None:
+    def flush(self, tags: list[RunTag] | None = None) -> None:
+        """Write the pending metrics (and ``tags``, with the last chunk)."""
         batch, self.pending = self.pending, []
-        for i in range(0, len(batch), 900):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
+        chunks = [batch[i:i + 900] for i in range(0, len(batch), 900)] or [[]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if chunk or (last and tags):
+                self.client.log_batch(self.run_id, metrics=chunk, tags=(tags or []) if last else [])
 
     def log_json(self, name: str, obj: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -219,8 +223,9 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str) -> None:
-        self.flush()
-        settle(self.uri, self.run_id, status, current=C.RUNNING)
+        """The last metrics and the status tag in one write, then the run's end."""
+        self.flush(tags=[RunTag(C.TAG_STATUS, status)])
+        self.client.set_terminated(self.run_id, C.MLFLOW_STATUS[status])
 
 
 def run_name(config: dict[str, Any]) -> str:
