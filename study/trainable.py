@@ -84,6 +84,8 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     except Exception:
         run.end(C.ERRORED)
         raise
+    if not reported and spec.search.metric in final:  # its last epoch saved, then not reported
+        tune.report({**final, **tune_keys})
     run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
             final.get(C.ITERATION, 0))
     run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)

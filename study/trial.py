@@ -130,8 +130,9 @@ class Phases(dict):
 def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | None = None,
               state: dict[str, Any] | None = None, device: str | torch.device = "cpu",
               stop_after: int | None = None, phases: Phases | None = None) -> dict[str, Any]:
-    """Train; return the last epoch's metrics. ``report`` gets every epoch's metrics and, at
-    checkpoints, the state to resume from (else None). ``stop_after`` ends the loop after that
+    """Train; return the last epoch's metrics (a trial resumed from its last epoch: the
+    state's). ``report`` gets every epoch's metrics and, at checkpoints, the state to resume
+    from (else None). ``stop_after`` ends the loop after that
     many epochs (tests use it to interrupt a trial); its last epoch is a checkpoint."""
     log = log or (lambda metrics, step: None)
     report = report or (lambda metrics, state: None)
@@ -165,11 +166,13 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         extra = {}
         if probe is not None and (c.epoch == config.epochs or c.diverged):
             extra["histograms"] = probe.histograms()
-        report({**metrics, **extra}, parts.state(c, phases) if due else None)
+        with phases.timed("checkpoint"):
+            saved = parts.state(c, phases, metrics) if due else None
+        report({**metrics, **extra}, saved)
         saved_at = time.monotonic() if due else saved_at
         if stop_after is not None and c.epoch >= stop_after:
             break
-    return metrics
+    return metrics or (state or {}).get("metrics", {})   # resumed when already done: its last
 
 
 class _Parts:
@@ -203,11 +206,12 @@ class _Parts:
             phases[name] = phases.get(name, 0.0) + seconds
         return Progress(**state["counters"])
 
-    def state(self, c: Progress, phases: Phases) -> dict[str, Any]:
+    def state(self, c: Progress, phases: Phases, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "probe": self.probe.state_dict() if self.probe is not None else None,
                 "shadows": [shadow.state_dict() for shadow in self.shadows],
-                "rng": torch.get_rng_state(), "counters": asdict(c), "phases": dict(phases)}
+                "rng": torch.get_rng_state(), "counters": asdict(c), "phases": dict(phases),
+                "metrics": metrics}
 
 
 def _train_epoch(config: TrialConfig, parts: _Parts, train: DataSplit, c: Progress,

@@ -85,7 +85,7 @@ def test_a_trial_stops_at_the_first_epoch_that_reaches_its_target(tmp_path):
     assert [m["epoch"] for m, _ in stopped] == [1, 2]
     assert final["train_loss"] == straight[1][0]["train_loss"]
     again, report = collect()
-    run_trial(config, report=report, state=stopped[-1][1])
+    assert run_trial(config, report=report, state=stopped[-1][1]) == final
     assert again == []                                  # resumed: already done
 
 
