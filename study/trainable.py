@@ -3,7 +3,8 @@ MLflow child run and to its own files in the study's storage (``study.storage.Tr
 
 What a trial costs besides training and measuring is kept small and flat: the run is found
 again by the id kept in the trial's files (no search over the experiment), metrics are logged
-in batches (flushed at checkpoints and at the end), the checkpoint is one file per trial,
+in batches (flushed at checkpoints, before each Tune result and at the end: a trial ASHA
+stops in its report keeps what it logged), the checkpoint is one file per trial,
 overwritten. Tune gets a result (a round trip through the driver, which the trial waits for)
 at the trial's first evaluated epoch, at its checkpoints and at its end, and at every
 evaluated epoch under ASHA, whose rungs are epochs; results carry the search metric, so
@@ -66,14 +67,17 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         nonlocal reported
         histograms = metrics.pop("histograms", None)
-        if state is not None:
+        to_tune = spec.search.metric in metrics and (state is not None or not reported
+                                                     or every_epoch)
+        if state is not None or to_tune:    # Tune may end the trial in its report: log first
             with phases.timed("log"):
                 run.flush()
                 if histograms:
                     run.log_json(C.GRAD_HIST, histograms)
+        if state is not None:
             with phases.timed("checkpoint"):
                 files.save_state(state)
-        if spec.search.metric in metrics and (state is not None or not reported or every_epoch):
+        if to_tune:
             with phases.timed("report"):
                 tune.report({**metrics, **tune_keys})
             reported = True
