@@ -241,7 +241,7 @@ class CheckpointSpec(Strict):
     after its last checkpoint, and always at its last epoch. One file per trial, overwritten,
     so storage stays flat; an interrupted trial repeats at most ``every_s`` of work."""
 
-    every_s: float = Field(10.0, ge=0)        # 0 = every epoch
+    every_s: float = Field(5.0, ge=0)         # 0 = every epoch
 
 
 class EvaluateSpec(Strict):

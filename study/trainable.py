@@ -3,12 +3,9 @@ MLflow child run and to its own files in the study's storage (``study.storage.Tr
 
 What a trial costs besides training and measuring is kept small and flat: the run is found
 again by the id kept in the trial's files (no search over the experiment), metrics are logged
-in batches (flushed at checkpoints, before each Tune result and at the end: a trial ASHA
-stops in its report keeps what it logged), the checkpoint is one file per trial,
-overwritten. Tune gets a result (a round trip through the driver, which the trial waits for)
-at the trial's first evaluated epoch, at its checkpoints and at its end, and at every
-evaluated epoch under ASHA, whose rungs are epochs; results carry the search metric, so
-epochs that ``evaluate.every`` skips are never reported. MLflow holds every epoch.
+in batches (flushed at checkpoints and at the end, and under ASHA before each Tune result: a
+trial ASHA stops in its report keeps what it logged), the checkpoint is one file per trial,
+overwritten. Tune gets a result at every evaluated epoch (results carry the search metric).
 """
 from __future__ import annotations
 
@@ -61,15 +58,15 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         state, run = _resume(files, tracking, trial_id, cfg, {C.TAG_STUDY: spec.name,
                                                               C.TAG_NODE_ID: node})
     tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
-    every_epoch = spec.scheduler.kind != "none"     # ASHA's rungs are epochs
+    scheduled = spec.scheduler.kind != "none"     # ASHA may end the trial in any report
+
     reported = False
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         nonlocal reported
         histograms = metrics.pop("histograms", None)
-        to_tune = spec.search.metric in metrics and (state is not None or not reported
-                                                     or every_epoch)
-        if state is not None or to_tune:    # Tune may end the trial in its report: log first
+        to_tune = spec.search.metric in metrics      # an evaluated epoch
+        if state is not None or (to_tune and scheduled):
             with phases.timed("log"):
                 run.flush()
                 if histograms:
