@@ -138,7 +138,6 @@ class LeanTrialState(Callback):
                 meta.metric_analysis, meta.metric_n_steps = {}, {}
 
 
-
 def reporter(spec: Spec):
     """Progress on the terminal: one row per trial, its arm, lr, batch size and metrics."""
     from ray.tune import CLIReporter
