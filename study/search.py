@@ -87,9 +87,12 @@ def new_tuner(spec: Spec, fn, storage_path: str, callbacks: list):
             name=spec.name, storage_path=storage_path, verbose=1, progress_reporter=reporter(spec),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Tune's loggers first: they write whole results before LeanTrialState trims them.
-            # (No CheckpointConfig: trials keep their checkpoints in files of their own,
-            # study.storage.TrialFiles.)
-            callbacks=[*_loggers(), *callbacks]))
+            callbacks=[*_loggers(), *callbacks],
+            # Tune's checkpoints are markers of a few bytes (the state is in the trial's own
+            # file, study.storage.TrialFiles): keep the last. Tune snapshots its experiment
+            # state at each kept checkpoint (num_to_keep), which LeanTrialState keeps small and
+            # checkpoint.every_s keeps rare.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def _loggers() -> list:
@@ -107,8 +110,9 @@ def _loggers() -> list:
 
 class LeanTrialState(Callback):
     """Tune rewrites its whole experiment state at every snapshot; keep each trial's share
-    small and flat. A trial's last result keeps what Tune, the progress table and
-    ``TrialOutcomes`` read (result.json, written before, keeps everything), and Tune's running
+    small and flat. A trial's last result (and its kept checkpoint's copy) keeps what Tune,
+    the progress table and ``TrialOutcomes`` read (result.json, written before, keeps
+    everything), and Tune's running
     statistics of every metric of every trial (min/max/avg/last-5/last-10; ~0.6 KB a metric,
     never read here: the analysis reads MLflow) are dropped after each step."""
 
@@ -128,14 +132,25 @@ class LeanTrialState(Callback):
                                *TABLE_METRICS})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        for key in [k for k in result if k not in self.keep]:
-            del result[key]            # in place: Tune's last_result is this dict
+        self._trim(result)             # in place: Tune's last_result is this dict
 
     def on_step_end(self, iteration, trials, **info):
         for trial in trials:
             meta = getattr(trial, "run_metadata", None)
-            if meta is not None and meta.metric_analysis:
+            if meta is None:
+                continue
+            if meta.metric_analysis:
                 meta.metric_analysis, meta.metric_n_steps = {}, {}
+            # the kept (marker) checkpoint's copy of its result
+            for kept in getattr(meta.checkpoint_manager, "_checkpoint_results", ()):
+                if self._trim(kept.metrics):
+                    meta.invalidate_cache()
+
+    def _trim(self, result: dict) -> bool:
+        extra = [k for k in result if k not in self.keep]
+        for key in extra:
+            del result[key]
+        return bool(extra)
 
 
 def reporter(spec: Spec):

@@ -74,10 +74,10 @@ class Storage:
 class TrialFiles:
     """One trial's files: its MLflow run id, written when the run is created (so a trial
     finds its run again by key, never by a search), and its latest checkpoint, overwritten in
-    place (one per trial: storage stays flat however often it checkpoints). Tune's own
-    checkpoints are not used: keeping them pruned makes Tune snapshot its whole experiment
-    state at every checkpoint (``CheckpointConfig(num_to_keep)``), and keeping them all grows
-    the state and the folder with every epoch of every trial."""
+    place (one per trial: storage stays flat however often it checkpoints), written before
+    Tune hears of the checkpoint. Tune only gets a marker (study.trainable): a trial killed
+    after its last snapshot resumes from this file, the newest state, and Tune's pruning of its
+    own checkpoints can never delete the state a resume needs."""
 
     def __init__(self, storage: Storage, trial_id: str):
         self.fs = storage.fs

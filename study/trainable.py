@@ -5,11 +5,15 @@ What a trial costs besides training and measuring is kept small and flat: the ru
 again by the id kept in the trial's files (no search over the experiment), metrics are logged
 in batches (flushed at checkpoints and at the end, and under ASHA before each Tune result: a
 trial ASHA stops in its report keeps what it logged), the checkpoint is one file per trial,
-overwritten. Tune gets a result at every evaluated epoch (results carry the search metric).
+overwritten. Tune gets a result at every evaluated epoch (results carry the search metric),
+and with a checkpoint's result a marker checkpoint of a few bytes: Tune then knows the trial
+continues (its result.json and iteration count go on) while the state stays in the trial's
+file. Tune keeps one marker a trial (``CheckpointConfig(num_to_keep=1)``).
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,9 @@ from study.contract import optuna_lr_key
 from study.spec import DatasetSpec, Spec
 from study.storage import Storage, TrialFiles
 from study.trial import Phases, run_trial
+
+MARKER = "gradstudy-checkpoint"   # the marker checkpoint's one file (the epoch); the state is
+                                  # the trial's own file (study.storage.TrialFiles)
 
 
 def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -74,7 +81,11 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         if state is not None:
             with phases.timed("checkpoint"):
                 files.save_state(state)
-        if to_tune:
+            with phases.timed("report"), tempfile.TemporaryDirectory() as d:
+                (Path(d) / MARKER).write_text(str(metrics[C.EPOCH]))
+                tune.report({**metrics, **tune_keys}, checkpoint=tune.Checkpoint.from_directory(d))
+            reported = True
+        elif to_tune:
             with phases.timed("report"):
                 tune.report({**metrics, **tune_keys})
             reported = True
@@ -103,8 +114,9 @@ def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg,
 
     run_id, state = files.run_id(), files.load_state()
     if run_id is None and state is None and (checkpoint := tune.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
+        with checkpoint.as_directory() as d:     # a trial of a sweep from before trial files
+            if (Path(d) / "state.pt").exists():
+                state = torch.load(Path(d) / "state.pt", weights_only=False)
         found = find_trial_run(tracking["uri"], tracking["experiment_id"],
                                tracking["parent_run_id"], trial_id)
         run_id = found.info.run_id if found else None

@@ -3,9 +3,9 @@
 ``run_trial`` is the whole training loop and knows nothing about Ray or MLflow: it takes a
 ``log`` callback (metrics, step) and a ``report`` callback (epoch metrics, checkpoint state or
 None) and can start from a checkpoint state. ``study.trainable`` wires it to Ray Tune and to
-the trial's MLflow child run. A checkpoint state is handed over at the end of the first epoch
-``checkpoint_every_s`` after the last one and at the trial's last epoch; samplers are seeded
-per epoch, so a resumed trial reproduces an uninterrupted one bit for bit.
+the trial's MLflow child run. A checkpoint state is handed over at the end of the first
+evaluated epoch ``checkpoint_every_s`` after the last one and at the trial's last epoch;
+samplers are seeded per epoch, so a resumed trial reproduces an uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
@@ -161,8 +161,8 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
             metrics = _epoch_metrics(model, opt, splits, c, losses)
         c.reached_target = config.stop is not None and config.stop.reached(metrics)
         log(metrics, c.iteration)
-        due = (last or c.reached_target
-               or time.monotonic() - saved_at >= config.checkpoint_every_s)
+        due = bool(splits) and (last or c.reached_target   # evaluated: Tune gets a result
+                                or time.monotonic() - saved_at >= config.checkpoint_every_s)
         extra = {}
         if probe is not None and (c.epoch == config.epochs or c.diverged):
             extra["histograms"] = probe.histograms()
