@@ -88,10 +88,11 @@ def new_tuner(spec: Spec, fn, storage_path: str, callbacks: list):
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Tune's loggers first: they write whole results before LeanTrialState trims them.
             callbacks=[*_loggers(), *callbacks],
-            # Tune's checkpoints are markers of a few bytes (the state is in the trial's own
-            # file, study.storage.TrialFiles): keep the last. Tune snapshots its experiment
-            # state at each kept checkpoint (num_to_keep), which LeanTrialState keeps small and
-            # checkpoint.every_s keeps rare.
+            # Keep each trial's last checkpoint. Pruning makes Tune snapshot its whole
+            # experiment state whenever a trial has checkpointed num_to_keep times: a snapshot
+            # per checkpoint, each as large as the state (trials x epochs of bookkeeping, when
+            # trials checkpointed every epoch): quadratic, which throttled short trials. Now
+            # checkpoint.every_s keeps checkpoints rare and LeanTrialState the state small.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 

@@ -1,10 +1,9 @@
 """Where a study lives: Tune's experiment folder (a local folder or a ``s3://`` / ``gs://``
-URI), the sweep's state file beside it and each trial's own files (its MLflow run id and its
-checkpoint), all through pyarrow's filesystems so every kind of storage works the same.
+URI), the sweep's state file beside it and each trial's MLflow run id, all through pyarrow's
+filesystems so every kind of storage works the same.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from study.spec_values import SpecError
 
 STATE_FILE = "gradstudy.json"
-TRIALS_DIR = "trials"        # <study>/trials/<trial id>.{run_id,pt}
+TRIALS_DIR = "trials"        # <study>/trials/<trial id>.run_id
 
 
 class Storage:
@@ -72,12 +71,9 @@ class Storage:
 
 
 class TrialFiles:
-    """One trial's files: its MLflow run id, written when the run is created (so a trial
-    finds its run again by key, never by a search), and its latest checkpoint, overwritten in
-    place (one per trial: storage stays flat however often it checkpoints), written before
-    Tune hears of the checkpoint. Tune only gets a marker (study.trainable): a trial killed
-    after its last snapshot resumes from this file, the newest state, and Tune's pruning of its
-    own checkpoints can never delete the state a resume needs."""
+    """One trial's own files: its MLflow run id, written when the run is created, so a trial
+    (resumed, or retried after a crash) finds its run again by key, never by a search over the
+    experiment's runs."""
 
     def __init__(self, storage: Storage, trial_id: str):
         self.fs = storage.fs
@@ -88,38 +84,17 @@ class TrialFiles:
                 "on a multi-node cluster?): give --storage a place every node reaches (s3://, "
                 "gs://, a shared file system)")
 
-    def _read(self, suffix: str) -> bytes | None:
+    def run_id(self) -> str | None:
         try:
-            with self.fs.open_input_stream(self.base + suffix) as f:
-                return f.read()
+            with self.fs.open_input_stream(self.base + ".run_id") as f:
+                return f.read().decode().strip() or None
         except (FileNotFoundError, OSError):
             return None
 
-    def _write(self, suffix: str, data: bytes) -> None:
-        """Atomically where the filesystem can (a rename): a trial killed mid-write leaves
-        the previous file whole."""
-        self.fs.create_dir(self.base.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{self.base}{suffix}.tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, self.base + suffix)
-
-    def run_id(self) -> str | None:
-        data = self._read(".run_id")
-        return data.decode().strip() if data else None
-
     def set_run_id(self, run_id: str) -> None:
-        self._write(".run_id", run_id.encode())
-
-    def load_state(self) -> dict[str, Any] | None:
-        import torch
-
-        data = self._read(".pt")
-        return None if data is None else torch.load(io.BytesIO(data), weights_only=False)
-
-    def save_state(self, state: dict[str, Any]) -> None:
-        import torch
-
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self._write(".pt", buffer.getvalue())
+        """Atomically where the filesystem can (a rename): never a half-written id."""
+        self.fs.create_dir(self.base.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{self.base}.run_id.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(run_id.encode())
+        self.fs.move(tmp, self.base + ".run_id")

@@ -1,14 +1,14 @@
 """The Ray Tune function trainable: ``study.trial.run_trial`` wired to Tune, to the trial's
-MLflow child run and to its own files in the study's storage (``study.storage.TrialFiles``).
+MLflow child run and to its run id in the study's storage (``study.storage.TrialFiles``).
 
 What a trial costs besides training and measuring is kept small and flat: the run is found
-again by the id kept in the trial's files (no search over the experiment), metrics are logged
+again by the id kept in the trial's files (no search over the experiment); metrics are logged
 in batches (flushed at checkpoints and at the end, and under ASHA before each Tune result: a
-trial ASHA stops in its report keeps what it logged), the checkpoint is one file per trial,
-overwritten. Tune gets a result at every evaluated epoch (results carry the search metric),
-and with a checkpoint's result a marker checkpoint of a few bytes: Tune then knows the trial
-continues (its result.json and iteration count go on) while the state stays in the trial's
-file. Tune keeps one marker a trial (``CheckpointConfig(num_to_keep=1)``).
+trial ASHA stops in its report keeps what it logged); checkpoints are taken every
+``checkpoint.every_s`` seconds, not every epoch, as Tune checkpoints (so Tune's record of a
+resumed trial continues where its state does), of which Tune keeps the last
+(``CheckpointConfig(num_to_keep=1)``). Tune gets a result at every evaluated epoch (results
+carry the search metric).
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ from study.spec import DatasetSpec, Spec
 from study.storage import Storage, TrialFiles
 from study.trial import Phases, run_trial
 
-MARKER = "gradstudy-checkpoint"   # the marker checkpoint's one file (the epoch); the state is
-                                  # the trial's own file (study.storage.TrialFiles)
+STATE = "state.pt"            # a checkpoint folder's one file
 
 
 def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -78,17 +77,17 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
                 run.flush()
                 if histograms:
                     run.log_json(C.GRAD_HIST, histograms)
-        if state is not None:
-            with phases.timed("checkpoint"):
-                files.save_state(state)
-            with phases.timed("report"), tempfile.TemporaryDirectory() as d:
-                (Path(d) / MARKER).write_text(str(metrics[C.EPOCH]))
-                tune.report({**metrics, **tune_keys}, checkpoint=tune.Checkpoint.from_directory(d))
-            reported = True
-        elif to_tune:
+        if state is None and to_tune:
             with phases.timed("report"):
                 tune.report({**metrics, **tune_keys})
-            reported = True
+        elif state is not None:
+            with tempfile.TemporaryDirectory() as d:
+                with phases.timed("checkpoint"):
+                    torch.save(state, Path(d) / STATE)
+                    checkpoint = tune.Checkpoint.from_directory(d)
+                with phases.timed("report"):   # Tune copies the folder into its storage
+                    tune.report({**metrics, **tune_keys}, checkpoint=checkpoint)
+        reported = reported or to_tune
 
     try:
         final = run_trial(cfg, log=run.log, report=report, state=state, device=device,
@@ -105,21 +104,26 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
 
 def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg,
             tags: dict[str, str]):
-    """(checkpoint state or None, the trial's MLflow run): the run and state the trial's files
-    hold, else a new run. A trial of a sweep stored before trials had files resumes from Tune's
-    own checkpoint and finds its run by a search, once: from then on it has files."""
+    """(checkpoint state or None, the trial's MLflow run): the run the trial's files name (a
+    trial of a sweep stored before trials had files finds it by a search, once), else a new
+    one. A checkpoint Tune names but cannot find (a driver killed between pruning the previous
+    one and saving its state) starts the trial over, as Tune's record then does."""
     from ray import tune
 
     from study.tracking import TrialRun, find_trial_run
 
-    run_id, state = files.run_id(), files.load_state()
-    if run_id is None and state is None and (checkpoint := tune.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as d:     # a trial of a sweep from before trial files
-            if (Path(d) / "state.pt").exists():
-                state = torch.load(Path(d) / "state.pt", weights_only=False)
-        found = find_trial_run(tracking["uri"], tracking["experiment_id"],
-                               tracking["parent_run_id"], trial_id)
-        run_id = found.info.run_id if found else None
+    state, run_id = None, files.run_id()
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        try:
+            with checkpoint.as_directory() as d:
+                state = torch.load(Path(d) / STATE, weights_only=False)
+        except FileNotFoundError:
+            logging.getLogger(__name__).warning("trial %s: checkpoint %s is gone; starting over",
+                                                trial_id, checkpoint.path)
+        if run_id is None:
+            found = find_trial_run(tracking["uri"], tracking["experiment_id"],
+                                   tracking["parent_run_id"], trial_id)
+            run_id = found.info.run_id if found else None
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
                    trial_id, cfg.params(),
                    tags={**tags, "family": cfg.family, "variant": cfg.variant,

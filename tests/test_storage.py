@@ -66,9 +66,8 @@ def test_a_trial_finds_its_run_by_the_id_in_its_files_without_a_search(tmp_path,
     assert state is None and files.run_id() == first.run_id
     first.log({"epoch": 1}, 5)
     first.end("interrupted")
-    files.save_state({"counters": {"epoch": 1}})
     state, again = _resume(files, tracking, "t_00001", cfg, {"node_id": "n2"})
-    assert again.run_id == first.run_id and state == {"counters": {"epoch": 1}}
+    assert again.run_id == first.run_id
     assert again.logged == {"epoch": 5}          # steps already logged are not logged twice
     assert MlflowClient(uri).get_run(again.run_id).data.tags["node_id"] == "n2"
     assert searches == []
@@ -100,7 +99,7 @@ DEFAULT_STUDY_TRIALS = 186
 FOLDER_BYTES_PER_TRIAL = 50e6 / DEFAULT_STUDY_TRIALS   # the default study's folder <= 50 MB
 # The issue asks <= 5 KB; Tune 2.60's own record of a trial before any result (its storage
 # context pickled, the config three times, an empty checkpoint manager, indented JSON inside
-# JSON) is ~5.6 KB already, and its kept (marker) checkpoint ~2 KB more: ~8 KB measured here
+# JSON) is ~5.6 KB already, and its kept checkpoint ~2 KB more: ~8 KB measured here
 # (README, Benchmarks). Tune's metric statistics coming back would add ~13 KB a trial, a
 # checkpoint kept per epoch ~2 KB an epoch.
 STATE_BYTES_PER_TRIAL = 10e3
@@ -132,7 +131,5 @@ def test_a_study_stores_little_per_trial(tmp_path, short_tmp):
           f"experiment state {state.stat().st_size / trials / 1e3:.2f} KB")
     assert size / trials <= FOLDER_BYTES_PER_TRIAL
     assert state.stat().st_size / trials <= STATE_BYTES_PER_TRIAL
-    assert len(list((folder / "trials").glob("*.pt"))) == trials
-    markers = list(folder.glob("*/checkpoint_*"))
-    assert len(markers) == trials, "Tune keeps one (marker) checkpoint a trial"
-    assert all(sum(f.stat().st_size for f in m.iterdir()) < 100 for m in markers)
+    assert len(list(folder.glob("*/checkpoint_*"))) == trials, "one checkpoint kept a trial"
+    assert len(list((folder / "trials").glob("*.run_id"))) == trials
