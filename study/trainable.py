@@ -7,13 +7,15 @@ in batches (flushed at checkpoints and at the end, and under ASHA before each Tu
 trial ASHA stops in its report keeps what it logged); checkpoints are taken every
 ``checkpoint.every_s`` seconds, not every epoch, as Tune checkpoints (so Tune's record of a
 resumed trial continues where its state does), of which Tune keeps the last
-(``CheckpointConfig(num_to_keep=1)``). Tune gets a result at every evaluated epoch (results
-carry the search metric).
+(``CheckpointConfig(num_to_keep=1)``). Tune gets a result (a round trip through the driver
+that the trial waits for) at evaluated epochs (results carry the search metric): with each
+checkpoint, at most one a second in between, and every one under ASHA.
 """
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from study.storage import Storage, TrialFiles
 from study.trial import Phases, run_trial
 
 STATE = "state.pt"            # a checkpoint folder's one file
+REPORT_EVERY_S = 1.0          # Tune gets at most one result a second between checkpoints
 
 
 def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -64,14 +67,14 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         state, run = _resume(files, tracking, trial_id, cfg, {C.TAG_STUDY: spec.name,
                                                               C.TAG_NODE_ID: node})
     tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
-    scheduled = spec.scheduler.kind != "none"     # ASHA may end the trial in any report
-
-    reported = False
+    scheduled = spec.scheduler.kind != "none"   # ASHA's rungs are epochs; it may end the trial
+    reported, last_report = False, -REPORT_EVERY_S                  # in any report
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        nonlocal reported
+        nonlocal reported, last_report
         histograms = metrics.pop("histograms", None)
-        to_tune = spec.search.metric in metrics      # an evaluated epoch
+        to_tune = spec.search.metric in metrics and (   # an evaluated epoch, and
+            scheduled or time.monotonic() - last_report >= REPORT_EVERY_S)
         if state is not None or (to_tune and scheduled):
             with phases.timed("log"):
                 run.flush()
@@ -87,7 +90,8 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
                     checkpoint = tune.Checkpoint.from_directory(d)
                 with phases.timed("report"):   # Tune copies the folder into its storage
                     tune.report({**metrics, **tune_keys}, checkpoint=checkpoint)
-        reported = reported or to_tune
+        if state is not None or to_tune:
+            reported, last_report = True, time.monotonic()
 
     try:
         final = run_trial(cfg, log=run.log, report=report, state=state, device=device,
@@ -95,7 +99,7 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     except Exception:
         run.end(C.ERRORED)
         raise
-    if not reported and spec.search.metric in final:  # its last epoch saved, then not reported
+    if not reported and spec.search.metric in final:  # resumed from its last epoch's checkpoint
         tune.report({**final, **tune_keys})
     run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
             final.get(C.ITERATION, 0))
