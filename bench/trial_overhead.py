@@ -76,7 +76,7 @@ def storage(folder: Path, trials: int) -> dict[str, float]:
 
 def show(name: str, t: dict[str, float]) -> None:
     wall = t["wall"]
-    parts = ["training", "measuring", *PHASES, "other"]
+    parts = ["training", "measuring", *(PHASES if "other" in t else ()), "other"]
     shares = "  ".join(f"{p} {100 * t[p] / wall:.1f}%" for p in parts if p in t)
     print(f"{name:>24}: {t['trials']:.0f} trials, wall {wall:.0f} s, "
           f"overhead {100 * t['overhead'] / wall:.1f}%  ({shares})")
