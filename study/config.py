@@ -31,6 +31,8 @@ class TrialConfig:
     threads: int = 1                  # torch threads: the CPUs the trial was given
     gpu: float = 0.0                  # the GPU fraction it was given (> 0: train on CUDA)
     stop: StopSpec | None = None      # end at the first epoch that reaches this target
+    checkpoint_every_s: float = 0.0   # seconds between checkpoints (0 = every epoch)
+    eval_every: int = 1               # epochs between evaluations (the last always evaluates)
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for the trial's MLflow run (options as ``opt.*``, model options

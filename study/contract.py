@@ -49,6 +49,9 @@ EPOCH_METRICS = (EPOCH, ITERATION, GRAD_EVALS, TIME_S, MEASURE_S, SHADOW_GRAD_EV
                  VAL_LOSS, VAL_ACCURACY, TEST_LOSS, TEST_ACCURACY)
 VALIDATION_METRICS = (VAL_LOSS, VAL_ACCURACY)  # only with dataset.val_fraction > 0
 RUN_ID_KEY = "mlflow_run_id"          # reported to Tune beside the metrics (the driver needs it)
+# seconds a trial spent besides training and measuring, by phase, logged once at its end:
+# overhead/{startup,data,eval,checkpoint,report,log}_s (study.trial.Phases)
+OVERHEAD_PREFIX = "overhead/"
 BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>
 
 # -- the variance probe's metrics (Faghri et al.'s get_Ege_var; McCandlish et al.'s B_simple) --

@@ -1,5 +1,6 @@
 """How a spec becomes a Ray Tune experiment: the search (a grid, or Optuna's define-by-run
-space), the scheduler (none, or ASHA), the terminal progress table and trial folder names.
+space), the scheduler (none, or ASHA), the terminal progress table, trial folder names and
+what Tune keeps of each trial in its experiment state.
 
 Tune pickles the searcher and the scheduler into its experiment state (that is how a sweep
 resumes), so everything here that Tune keeps is a module-level class holding plain data.
@@ -9,8 +10,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ray.tune import Callback
+
+from study import contract as C
 from study.contract import optuna_lr_key
 from study.spec import Spec
+
+TABLE_METRICS = (C.TEST_ACCURACY, C.TRAIN_LOSS)   # the progress table's other metric columns
 
 
 class OptunaSpace:
@@ -53,12 +59,14 @@ def searcher(spec: Spec):
 
 
 def scheduler(spec: Spec):
-    """ASHA over epochs (Tune's training_iteration = epochs reported), or None."""
+    """ASHA over epochs (the trial's own count: Tune's training_iteration restarts when a
+    resumed trial continues from its checkpoint file, and skips epochs that do not evaluate),
+    or None."""
     if spec.scheduler.kind == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=spec.epochs,
+    return ASHAScheduler(time_attr=C.EPOCH, max_t=spec.epochs,
                          grace_period=spec.scheduler.grace_period,
                          reduction_factor=spec.scheduler.reduction_factor)
 
@@ -78,10 +86,72 @@ def new_tuner(spec: Spec, fn, storage_path: str, callbacks: list):
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage_path, verbose=1, progress_reporter=reporter(spec),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=callbacks,
-            # Keep every (small) epoch checkpoint: pruning forces an experiment snapshot per
-            # checkpoint, which throttles short trials.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
+            # Tune's loggers first: they write whole results before LeanTrialState trims them.
+            callbacks=[*_loggers(), *callbacks],
+            # Keep each trial's last checkpoint. Pruning makes Tune snapshot its whole
+            # experiment state whenever a trial has checkpointed num_to_keep times: a snapshot
+            # per checkpoint, each as large as the state (trials x epochs of bookkeeping, when
+            # trials checkpointed every epoch): quadratic, which throttled short trials. Now
+            # checkpoint.every_s keeps checkpoints rare and LeanTrialState the state small.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def _loggers() -> list:
+    """Tune's default result loggers (result.json, progress.csv, TensorBoard events where
+    tensorboardX is installed), which Tune would otherwise add after our callbacks."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return loggers
+    return [*loggers, TBXLoggerCallback()]
+
+
+class LeanTrialState(Callback):
+    """Tune rewrites its whole experiment state at every snapshot; keep each trial's share
+    small and flat. A trial's last result (and its kept checkpoint's copy) keeps what Tune,
+    the progress table and ``TrialOutcomes`` read (result.json, written before, keeps
+    everything), and Tune's running
+    statistics of every metric of every trial (min/max/avg/last-5/last-10; ~0.6 KB a metric,
+    never read here: the analysis reads MLflow) are dropped after each step."""
+
+    def __init__(self, spec: Spec):
+        from ray.tune.result import (
+            DONE,
+            NODE_IP,
+            PID,
+            SHOULD_CHECKPOINT,
+            TIME_TOTAL_S,
+            TRAINING_ITERATION,
+        )
+
+        self.keep = frozenset({DONE, SHOULD_CHECKPOINT, TRAINING_ITERATION, TIME_TOTAL_S,
+                               NODE_IP, PID, "config",     # read by the progress table
+                               C.RUN_ID_KEY, C.EPOCH, C.DIVERGED_FLAG, spec.search.metric,
+                               *TABLE_METRICS})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._trim(result)             # in place: Tune's last_result is this dict
+
+    def on_step_end(self, iteration, trials, **info):
+        for trial in trials:
+            meta = getattr(trial, "run_metadata", None)
+            if meta is None:
+                continue
+            if meta.metric_analysis:
+                meta.metric_analysis, meta.metric_n_steps = {}, {}
+            # the kept (marker) checkpoint's copy of its result
+            for kept in getattr(meta.checkpoint_manager, "_checkpoint_results", ()):
+                if self._trim(kept.metrics):
+                    meta.invalidate_cache()
+
+    def _trim(self, result: dict) -> bool:
+        extra = [k for k in result if k not in self.keep]
+        for key in extra:
+            del result[key]
+        return bool(extra)
 
 
 def reporter(spec: Spec):
@@ -95,7 +165,7 @@ def reporter(spec: Spec):
         params = {"arm": "arm", "batch_size": "bs"}
     return CLIReporter(parameter_columns=params, max_report_frequency=15,
                        metric_columns={"epoch": "epoch", spec.search.metric: spec.search.metric,
-                                       "test_accuracy": "test_acc", "train_loss": "train_loss"},
+                                       **dict(zip(TABLE_METRICS, ("test_acc", "train_loss")))},
                        sort_by_metric=True, max_progress_rows=12, max_error_rows=5)
 
 

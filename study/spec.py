@@ -28,8 +28,10 @@ from study.plugins import import_plugin
 from study.plugins import resolve as resolve_plugin
 from study.spec_sections import (  # DatasetSpec is re-exported: callers import it from here
     INPUT_SHAPES,
+    CheckpointSpec,
     ClaimSpec,
     DatasetSpec,
+    EvaluateSpec,
     FamilySpec,
     LRGrid,
     MeasureSpec,
@@ -68,6 +70,8 @@ class Spec(Strict):
     scheduler: SchedulerSpec = SchedulerSpec()
     stop: StopSpec | None = None             # end a trial once it reaches a target
     resources: ResourcesSpec = ResourcesSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
     measure: MeasureSpec = MeasureSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: str = "results"
@@ -261,7 +265,8 @@ class Spec(Strict):
             dataset=self.dataset, measure=self.measure.settings(),
             model_options=dict(point.get("model_options", {})),
             options=dict(point.get("options", {})), plugins=tuple(self.plugins),
-            threads=max(1, int(self.resources.cpu)), gpu=self.resources.gpu, stop=self.stop)
+            threads=max(1, int(self.resources.cpu)), gpu=self.resources.gpu, stop=self.stop,
+            checkpoint_every_s=self.checkpoint.every_s, eval_every=self.evaluate.every)
 
     def trials(self) -> list[dict[str, Any]]:
         """The full grid: arms × lr (per family) × batch size × seed."""

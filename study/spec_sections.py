@@ -236,6 +236,22 @@ class StopSpec(Strict):
         return value <= self.below if self.below is not None else value >= self.above
 
 
+class CheckpointSpec(Strict):
+    """How often a trial saves its state: at the end of the first epoch ``every_s`` seconds
+    after its last checkpoint, and always at its last epoch. One file per trial, overwritten,
+    so storage stays flat; an interrupted trial repeats at most ``every_s`` of work."""
+
+    every_s: float = Field(5.0, ge=0)         # 0 = every epoch
+
+
+class EvaluateSpec(Strict):
+    """Which epochs evaluate the train / val / test splits (and report to Tune): every
+    ``every``-th and always the last. On a small dataset evaluating costs as much as an epoch
+    of training at large batches (README, Benchmarks)."""
+
+    every: PositiveInt = 1
+
+
 class ResourcesSpec(Strict):
     cpu: PositiveFloat = 1.0
     gpu: float = Field(0.0, ge=0, le=1)       # a fraction of one GPU per trial

@@ -1,8 +1,9 @@
 """MLflow bookkeeping: one parent run per sweep, one child run per trial.
 
 Uses ``MlflowClient`` only (no global active run), so the driver and every trial process
-talk to the store independently. A trial finds its child run again by its Ray trial id, so
-a resumed trial keeps logging into the run it started, exactly once per step. A trial run's
+talk to the store independently. A trial finds its child run again by the run id kept in its
+own files (``study.storage.TrialFiles``), so a resumed trial keeps logging into the run it
+started, exactly once per step. A trial run's
 final status (``study.contract``) is written by the trial when it ends by itself and by the
 driver when Tune ends it (stopped by the scheduler, errored, interrupted).
 
@@ -192,6 +193,8 @@ def children(uri: str, experiment_id: str, parent_run_id: str, status: str | Non
 
 
 def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
+    """A trial's run by search: only for trials of sweeps stored before trials kept their
+    run id in their own files."""
     found = client_for(uri).search_runs(
         [experiment_id], filter_string=f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
                                        f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'",
@@ -220,36 +223,43 @@ def mark_interrupted(uri: str, experiment_id: str, parent_run_id: str) -> int:
 
 
 class TrialRun:
-    """The child run of one trial; every write waits out a tracking server restart."""
+    """The child run of one trial: ``run_id`` when it has one (read by key, O(1); ``tags``
+    written again: the node id is this attempt's), else a new run. Metrics are kept until
+    ``flush`` (at checkpoints and at the end): one write per checkpoint instead of one per
+    epoch and per measurement. Every write waits out a tracking server restart."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                  params: dict[str, Any], tags: dict[str, str], dataset: dict[str, str],
-                 retry_s: float = RETRY_S):
+                 run_id: str | None = None, retry_s: float = RETRY_S):
         self.uri = uri
         # a tracking server can restart under a trial; a sqlite file cannot, so no waiting there
         remote = uri.startswith(("http://", "https://"))
-        self.client = client = Patient(client_for(uri), retry_s if remote else 0.0)
-        query = (f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
-                 f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
-        found = (client.search_runs([experiment_id], query, max_results=1) or [None])[0]
-        if found:
-            self.run_id = found.info.run_id
-            self.logged = {k: max(m.step for m in self.client.get_metric_history(self.run_id, k))
-                           for k in found.data.metrics}
-            self.client.log_batch(self.run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING)])
-            self.client.set_terminated(self.run_id, "RUNNING")
+        self.client = Patient(client_for(uri), retry_s if remote else 0.0)
+        self.pending: list[Metric] = []
+        if run_id is not None:
+            self.run_id = run_id
+            run = self.client.get_run(run_id)
+            self.logged = {k: max(m.step for m in self.client.get_metric_history(run_id, k))
+                           for k in run.data.metrics}
+            self.client.log_batch(run_id, tags=[RunTag(C.TAG_STATUS, C.RUNNING),
+                                                *[RunTag(k, v) for k, v in tags.items()]])
+            self.client.set_terminated(run_id, "RUNNING")
         else:
             run = self.client.create_run(
                 experiment_id, run_name=run_name(params),
                 tags={C.TAG_PARENT: parent_run_id, C.TAG_KIND: C.KIND_TRIAL,
                       C.TAG_TRIAL_ID: trial_id, C.TAG_STATUS: C.RUNNING, **tags})
-            # a create replayed after the server committed it but died before answering
-            # leaves a twin: every process of this trial keeps the oldest run, drops the rest
-            twins = sorted(client.search_runs([experiment_id], query),
-                           key=lambda r: (r.info.start_time, r.info.run_id)) or [run]
-            self.run_id = twins[0].info.run_id
-            for twin in twins[1:]:
-                client.delete_run(twin.info.run_id)
+            self.run_id = run.info.run_id
+            if remote:
+                # a create replayed after the server committed it but died before answering
+                # leaves a twin: every process of this trial keeps the oldest run, drops the rest
+                query = (f"tags.`{C.TAG_PARENT}` = '{parent_run_id}' "
+                         f"and tags.`{C.TAG_TRIAL_ID}` = '{trial_id}'")
+                twins = sorted(self.client.search_runs([experiment_id], query),
+                               key=lambda r: (r.info.start_time, r.info.run_id)) or [run]
+                self.run_id = twins[0].info.run_id
+                for twin in twins[1:]:
+                    self.client.delete_run(twin.info.run_id)
             self.logged: dict[str, int] = {}
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000])
                                                        for k, v in params.items()])
@@ -260,13 +270,17 @@ class TrialRun:
         is deterministic, so they would carry the same values); a retried batch is the same
         Metric objects, timestamps included, so a replay stores nothing twice."""
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if step > self.logged.get(k, -1)]
-        for i in range(0, len(batch), 900):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                         if step > self.logged.get(k, -1)]
 
-    def set_tag(self, key: str, value: str) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, value)])
+    def flush(self, tags: list[RunTag] | None = None) -> None:
+        """Write the pending metrics (and ``tags``, with the last chunk)."""
+        batch, self.pending = self.pending, []
+        chunks = [batch[i:i + 900] for i in range(0, len(batch), 900)] or [[]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if chunk or (last and tags):
+                self.client.log_batch(self.run_id, metrics=chunk, tags=(tags or []) if last else [])
 
     def log_json(self, name: str, obj: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +289,9 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str) -> None:
-        settle(self.uri, self.run_id, status, current=C.RUNNING, client=self.client)
+        """The last metrics and the status tag in one write, then the run's end."""
+        self.flush(tags=[RunTag(C.TAG_STATUS, status)])
+        self.client.set_terminated(self.run_id, C.MLFLOW_STATUS[status])
 
 
 def run_name(config: dict[str, Any]) -> str:

@@ -1,20 +1,21 @@
 """One trial: train one model under one optimizer variant at one lr and batch size.
 
 ``run_trial`` is the whole training loop and knows nothing about Ray or MLflow: it takes a
-``log`` callback (metrics, step) and a ``report`` callback (epoch metrics, checkpoint state)
-and can start from a checkpoint state. ``trainable`` (at the bottom) wires it to Ray Tune
-and to the trial's MLflow child run. Checkpoints are taken at epoch ends; samplers are
-seeded per epoch, so a resumed trial reproduces an uninterrupted one bit for bit.
+``log`` callback (metrics, step) and a ``report`` callback (epoch metrics, checkpoint state or
+None) and can start from a checkpoint state. ``study.trainable`` wires it to Ray Tune and to
+the trial's MLflow child run. A checkpoint state is handed over at the end of the first
+evaluated epoch ``checkpoint_every_s`` after the last one and at the trial's last epoch;
+samplers are seeded per epoch, so a resumed trial reproduces an uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,14 +25,13 @@ import torch.nn.functional as F
 from study import contract as C
 from study.augment import AugmentedSplit
 from study.config import TrialConfig
-from study.contract import optuna_lr_key
 from study.data import DataSplit, epoch_generator, input_shape, load_dataset, num_classes
 from study.models import build_model
 from study.optim import Context, make_optimizer
 from study.optim.base import scheduled_work  # noqa: F401 (tests and bench import it here)
 from study.plugins import import_plugins
 from study.shadows import Shadow
-from study.spec import DatasetSpec, Spec
+from study.spec import DatasetSpec
 from study.variance import VarianceProbe
 
 DIVERGENCE_FACTOR = 10.0     # a batch loss this many times the initial loss ends the trial
@@ -48,8 +48,16 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def load_splits(dataset: DatasetSpec, device: str | torch.device = "cpu"
                 ) -> tuple[DataSplit, DataSplit | None, DataSplit]:
-    """(train, validation or None, test). The validation split is the same for every trial
-    of a study: a fixed permutation, independent of the trial's seed.
+    """(train, validation or None, test), kept per process: Ray reuses a worker process for
+    many trials of a study, which then share these tensors (nothing writes to them).
+    """
+    return _splits(dataset.model_dump_json(), str(device))
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(dataset_json: str, device: str) -> tuple[DataSplit, DataSplit | None, DataSplit]:
+    """``load_splits``' work. The validation split is the same for every trial of a study: a
+    fixed permutation, independent of the trial's seed.
 
     Labels: ``label_noise`` corrupts the training labels *before* the validation split is
     carved out of them, so each validation label is exactly the (possibly corrupted) training
@@ -58,7 +66,7 @@ def load_splits(dataset: DatasetSpec, device: str | torch.device = "cpu"
     same labels. With ``fresh`` examples the validation split is a stored block of its own;
     with ``augment`` the training split crops and flips the batches of its epochs.
     """
-    d = dataset
+    d = DatasetSpec.model_validate_json(dataset_json)
     train, test = load_dataset(d.name, d.root, d.size, d.label_noise, seed=0, download=d.download,
                                device=device, test_label_noise=d.test_label_noise,
                                fresh=d.fresh)
@@ -106,89 +114,147 @@ class Progress:
         return not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * self.initial_loss
 
 
+class Phases(dict):
+    """Seconds a trial spends besides training and measuring, by phase (startup, data, eval,
+    checkpoint, report, log): what bench/trial_overhead.py splits its wall time into. Saved
+    with the checkpoint state, so a resumed trial continues them."""
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
 def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | None = None,
               state: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-              stop_after: int | None = None) -> dict[str, Any]:
-    """Train; return the last epoch's metrics. ``stop_after`` ends the loop after that many
-    epochs (tests use it to interrupt a trial)."""
+              stop_after: int | None = None, phases: Phases | None = None) -> dict[str, Any]:
+    """Train; return the last epoch's metrics (a trial resumed from its last epoch: the
+    state's). ``report`` gets every epoch's metrics and, at checkpoints, the state to resume
+    from (else None). ``stop_after`` ends the loop after that
+    many epochs (tests use it to interrupt a trial); its last epoch is a checkpoint."""
     log = log or (lambda metrics, step: None)
     report = report or (lambda metrics, state: None)
-    import_plugins(config.plugins)
-    seed, bs = config.seed, config.batch_size
-    seed_everything(seed)
-    train, val, test = load_splits(config.dataset, device)
-    model = build_model(config.model, input_shape(train), num_classes(train, test),
-                        **config.model_options).to(device)
-    opt = make_optimizer(config.family, model, loss_fn, config.lr, config.variant,
-                         **config.options)
-    probe = (None if config.measure is None else
-             VarianceProbe(config.measure, train, bs, seed, config.epochs * (len(train) // bs)))
-    periodic = opt.periodic()
-    shadows = ([] if probe is None else
-               [Shadow(e, i, model, loss_fn, config.lr, train, bs, seed)
-                for i, e in enumerate(config.measure.estimators)])
-
-    c = Progress()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if probe is not None and state.get("probe") is not None:
-            probe.load_state_dict(state["probe"])
-        for shadow, saved in zip(shadows, state.get("shadows") or []):
-            shadow.load_state_dict(saved)
-        torch.set_rng_state(state["rng"])
-        c = Progress(**state["counters"])
+    phases = Phases() if phases is None else phases
+    with phases.timed("startup"):
+        import_plugins(config.plugins)
+        seed_everything(config.seed)
+    with phases.timed("data"):
+        train, val, test = load_splits(config.dataset, device)
+    with phases.timed("startup"):
+        parts = _Parts(config, train, test, device)
+        c = parts.restore(state, phases)
+    model, opt, probe = parts.model, parts.opt, parts.probe
     if c.initial_loss is None:
-        c.initial_loss = evaluate(model, train)[0]
+        with phases.timed("eval"):
+            c.initial_loss = evaluate(model, train)[0]
 
     metrics: dict[str, Any] = {}
+    saved_at = time.monotonic()
     while c.epoch < config.epochs and not c.diverged and not c.reached_target:
-        generator = epoch_generator(seed, c.epoch)
-        data = train.for_epoch(seed, c.epoch)    # what this epoch trains on (fresh, augmented)
-        ctx = Context(model, loss_fn, data, bs, c.iteration, c.epoch,
-                      epoch_generator(seed, c.epoch, PERIODIC_STREAM))
-        for shadow in shadows:
-            shadow.begin_epoch(c.epoch, c.iteration)
-        losses = []
-        for idx in opt.sampler(len(train), bs, generator):
-            t0 = time.perf_counter()
-            c.grad_evals += scheduled_work(periodic, ctx, c.iteration)
-            c.time_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            c.shadow_grad_evals += sum(shadow.work(c.iteration) for shadow in shadows)
-            probe_step(probe, opt, c.iteration, log, shadows)
-            c.measure_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            d = opt.direction(data.batch(idx))
-            if c.diverges(d.loss):
-                c.diverged = True
-                break
-            opt.step(d)
-            c.grad_evals += d.grad_evals
-            c.iteration += 1
-            c.time_s += time.perf_counter() - t0
-            losses.append(d.loss)
-        c.epoch += 1
-        if not c.diverged:
-            t0 = time.perf_counter()
-            c.grad_evals += scheduled_work(periodic, ctx, c.epoch, "epoch")
-            c.time_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            c.shadow_grad_evals += sum(shadow.work(c.epoch, "epoch") for shadow in shadows)
-            c.measure_s += time.perf_counter() - t0
-        metrics = _epoch_metrics(model, opt, (train, val, test), c, losses)
+        losses = _train_epoch(config, parts, train, c, log)
+        last = (c.epoch >= config.epochs or c.diverged
+                or (stop_after is not None and c.epoch >= stop_after))
+        splits = (train, val, test) if last or c.epoch % config.eval_every == 0 else ()
+        with phases.timed("eval"):
+            metrics = _epoch_metrics(model, opt, splits, c, losses)
         c.reached_target = config.stop is not None and config.stop.reached(metrics)
         metrics[C.REACHED_TARGET] = int(c.reached_target)
         log(metrics, c.iteration)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "probe": probe.state_dict() if probe is not None else None,
-                 "shadows": [shadow.state_dict() for shadow in shadows],
-                 "rng": torch.get_rng_state(), "counters": asdict(c)}
-        report({**metrics, "histograms": probe.histograms() if probe is not None else None},
-               state)
+        due = bool(splits) and (last or c.reached_target   # evaluated: Tune gets a result
+                                or time.monotonic() - saved_at >= config.checkpoint_every_s)
+        extra = {}
+        if probe is not None and (c.epoch == config.epochs or c.diverged):
+            extra["histograms"] = probe.histograms()
+        with phases.timed("checkpoint"):
+            saved = parts.state(c, phases, metrics) if due else None
+        report({**metrics, **extra}, saved)
+        saved_at = time.monotonic() if due else saved_at
         if stop_after is not None and c.epoch >= stop_after:
             break
-    return metrics
+    return metrics or (state or {}).get("metrics", {})   # resumed when already done: its last
+
+
+class _Parts:
+    """What a trial trains and measures with: model, optimizer, probe, shadows."""
+
+    def __init__(self, config: TrialConfig, train: DataSplit, test: DataSplit, device):
+        seed, bs = config.seed, config.batch_size
+        self.model = build_model(config.model, input_shape(train), num_classes(train, test),
+                                 **config.model_options).to(device)
+        self.opt = make_optimizer(config.family, self.model, loss_fn, config.lr, config.variant,
+                                  **config.options)
+        self.probe = (None if config.measure is None else
+                      VarianceProbe(config.measure, train, bs, seed,
+                                    config.epochs * (len(train) // bs)))
+        self.periodic = self.opt.periodic()
+        self.shadows = ([] if self.probe is None else
+                        [Shadow(e, i, self.model, loss_fn, config.lr, train, bs, seed)
+                         for i, e in enumerate(config.measure.estimators)])
+
+    def restore(self, state: dict[str, Any] | None, phases: Phases) -> Progress:
+        if state is None:
+            return Progress()
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.probe is not None and state.get("probe") is not None:
+            self.probe.load_state_dict(state["probe"])
+        for shadow, saved in zip(self.shadows, state.get("shadows") or []):
+            shadow.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
+        for name, seconds in (state.get("phases") or {}).items():
+            phases[name] = phases.get(name, 0.0) + seconds
+        return Progress(**state["counters"])
+
+    def state(self, c: Progress, phases: Phases, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "probe": self.probe.state_dict() if self.probe is not None else None,
+                "shadows": [shadow.state_dict() for shadow in self.shadows],
+                "rng": torch.get_rng_state(), "counters": asdict(c), "phases": dict(phases),
+                "metrics": metrics}
+
+
+def _train_epoch(config: TrialConfig, parts: _Parts, train: DataSplit, c: Progress,
+                 log: LogFn) -> list[float]:
+    """One epoch of steps (with the scheduled work and the probe's measurements due in it);
+    returns the mini-batch losses."""
+    seed, bs, opt, shadows = config.seed, config.batch_size, parts.opt, parts.shadows
+    generator = epoch_generator(seed, c.epoch)
+    data = train.for_epoch(seed, c.epoch)    # what this epoch trains on (fresh, augmented)
+    ctx = Context(parts.model, loss_fn, data, bs, c.iteration, c.epoch,
+                  epoch_generator(seed, c.epoch, PERIODIC_STREAM))
+    for shadow in shadows:
+        shadow.begin_epoch(c.epoch, c.iteration)
+    losses = []
+    for idx in opt.sampler(len(train), bs, generator):
+        t0 = time.perf_counter()
+        c.grad_evals += scheduled_work(parts.periodic, ctx, c.iteration)
+        c.time_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        c.shadow_grad_evals += sum(shadow.work(c.iteration) for shadow in shadows)
+        probe_step(parts.probe, opt, c.iteration, log, shadows)
+        c.measure_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        d = opt.direction(data.batch(idx))
+        if c.diverges(d.loss):
+            c.diverged = True
+            break
+        opt.step(d)
+        c.grad_evals += d.grad_evals
+        c.iteration += 1
+        c.time_s += time.perf_counter() - t0
+        losses.append(d.loss)
+    c.epoch += 1
+    if not c.diverged:
+        t0 = time.perf_counter()
+        c.grad_evals += scheduled_work(parts.periodic, ctx, c.epoch, "epoch")
+        c.time_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        c.shadow_grad_evals += sum(shadow.work(c.epoch, "epoch") for shadow in shadows)
+        c.measure_s += time.perf_counter() - t0
+    return losses
 
 
 def probe_step(probe, opt, iteration: int, log: LogFn | None = None, shadows: list = ()) -> int:
@@ -212,7 +278,8 @@ def probe_step(probe, opt, iteration: int, log: LogFn | None = None, shadows: li
 
 
 def _epoch_metrics(model, opt, splits, c: Progress, losses) -> dict[str, Any]:
-    """The epoch's metrics: ``contract.EPOCH_METRICS`` and the family's own."""
+    """The epoch's metrics: ``contract.EPOCH_METRICS`` (the splits' only from the ``splits``
+    given: none at epochs ``eval_every`` skips) and the family's own."""
     metrics: dict[str, Any] = {C.EPOCH: c.epoch, C.ITERATION: c.iteration,
                                C.GRAD_EVALS: c.grad_evals, C.TIME_S: c.time_s,
                                C.MEASURE_S: c.measure_s, C.LR: opt.lr,
@@ -225,77 +292,3 @@ def _epoch_metrics(model, opt, splits, c: Progress, losses) -> dict[str, Any]:
             metrics[loss], metrics[accuracy] = evaluate(model, split)
     metrics.update(opt.metrics())
     return metrics
-
-
-# -- Ray Tune -----------------------------------------------------------------------------------
-
-def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Tune's config -> one point of the study's search. Grid configs carry the whole point
-    under ``trial``; Optuna configs name an arm and its sampled lr / batch size / seed."""
-    if "trial" in config:
-        return config["trial"]
-    arm = arms[config["arm"]]
-    return {**arm, "lr": config[optuna_lr_key(arm["family"])], "batch_size": config["batch_size"],
-            "seed": config["seed"]}
-
-
-def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]],
-              tracking: dict[str, str]) -> None:
-    """The Ray Tune function trainable: one trial, logged to its MLflow child run.
-
-    It writes the run's final status when the trial ends by itself (finished / diverged /
-    errored). When Tune ends it (the scheduler stops it, the sweep is interrupted), ``report``
-    raises ``SystemExit`` here and the driver writes the status instead."""
-    import logging
-    import tempfile
-
-    import ray
-    from ray import tune
-
-    from study.tracking import TrialRun
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
-    cfg = spec.trial_config(search_point(config, arms))
-    torch.set_num_threads(cfg.threads)
-    device = "cuda" if cfg.gpu > 0 and torch.cuda.is_available() else "cpu"
-    run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
-                   tune.get_context().get_trial_id(), cfg.params(),
-                   tags={C.TAG_STUDY: spec.name, "family": cfg.family, "variant": cfg.variant,
-                         "model": cfg.model, "arm": cfg.arm},
-                   dataset=dataset_identity(cfg.dataset))
-    run.set_tag(C.TAG_NODE_ID, ray.get_runtime_context().get_node_id())  # this attempt's node
-    checkpoint = tune.get_checkpoint()
-    state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
-
-    def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-        histograms = metrics.pop("histograms", None)
-        if histograms and (metrics[C.EPOCH] == cfg.epochs or metrics[C.DIVERGED_FLAG]):
-            run.log_json(C.GRAD_HIST, histograms)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, "state.pt"))
-            tune.report({**metrics, "arm": cfg.arm, "family": cfg.family,
-                         C.RUN_ID_KEY: run.run_id},
-                        checkpoint=tune.Checkpoint.from_directory(d))
-
-    try:
-        final = run_trial(cfg, log=run.log, report=report, state=state, device=device)
-    except Exception:
-        run.end(C.ERRORED)
-        raise
-    run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
-
-
-def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
-    """Name, digest and source of the study's data for MLflow's dataset inputs: the digest is
-    of the settings that generate / select it (same settings, same examples)."""
-    import hashlib
-
-    # options at their defaults are left out, so the digest stays what it was before they existed
-    unset = {k for k in ("test_label_noise", "fresh", "augment") if not getattr(dataset, k)}
-    digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
-    size = f"-{dataset.size}" if dataset.size else ""
-    return {"name": f"{dataset.name}{size}", "digest": digest,
-            "source": str(Path(dataset.root).resolve() / dataset.name)}

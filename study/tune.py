@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -21,7 +20,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from ray.tune import Callback
@@ -29,6 +27,7 @@ from ray.tune import Callback
 from study import contract as C
 from study.plugins import plugin_folders
 from study.spec import Spec, SpecError
+from study.storage import STATE_FILE, Storage, TrialFiles  # noqa: F401 - STATE_FILE for tests
 from study.tracking import (
     check_reachable,
     check_sqlite_file,
@@ -42,7 +41,6 @@ from study.tracking import (
     study_parent,
 )
 
-STATE_FILE = "gradstudy.json"
 FRESH_HINT = "make sweep SPACE=<file> FRESH=1, or python -m study sweep <file> --fresh"
 
 
@@ -59,9 +57,13 @@ class StudyResult:
 
 
 def spec_hash(spec: Spec) -> str:
-    """What a resumed sweep must share with the stored one (raising the trial limit or adding a
-    claim is not a change of study)."""
-    dumped = spec.model_dump_json(exclude={"search": {"max_trials"}, "claims": True})
+    """What a resumed sweep must share with the stored one (raising the trial limit, adding a
+    claim or checkpointing more or less often is not a change of study; evaluating at its
+    default, every epoch, hashes as before the option existed)."""
+    exclude: dict = {"search": {"max_trials"}, "claims": True, "checkpoint": True}
+    if spec.evaluate == type(spec.evaluate)():
+        exclude["evaluate"] = True
+    dumped = spec.model_dump_json(exclude=exclude)
     return hashlib.sha256(dumped.encode()).hexdigest()[:16]
 
 
@@ -133,19 +135,20 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
 def _tuner(spec: Spec, store: Storage, uri: str, exp_id: str, parent: str):
     from ray import tune
 
-    from study.search import new_tuner
-    from study.trial import trainable
+    from study.search import LeanTrialState, new_tuner
+    from study.trainable import trainable
 
     arms = {a["arm"]: a for a in spec.arms()}
+    files = {"root": store.root_uri, "study": spec.name}
     fn = tune.with_parameters(trainable, spec=spec, arms=arms,
                               tracking={"uri": uri, "experiment_id": exp_id,
-                                        "parent_run_id": parent})
+                                        "parent_run_id": parent}, storage=files)
     fn = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if tune.Tuner.can_restore(store.study_uri):
         print(f"Resuming the study stored in {store.study_uri}")
         return tune.Tuner.restore(store.study_uri, fn, resume_errored=True)
-    outcomes = TrialOutcomes(uri, exp_id, parent, spec.epochs)
-    return new_tuner(spec, fn, store.root_uri, callbacks=[outcomes])
+    outcomes = TrialOutcomes(uri, exp_id, parent, spec.epochs, files)
+    return new_tuner(spec, fn, store.root_uri, callbacks=[outcomes, LeanTrialState(spec)])
 
 
 class TrialOutcomes(Callback):
@@ -154,9 +157,10 @@ class TrialOutcomes(Callback):
     sweep) or that fails for good is settled here. Kept in Tune's experiment state (plain
     data only), so a resumed sweep settles its trials the same way."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, epochs: int):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, epochs: int,
+                 storage: dict[str, str]):
         self.uri, self.experiment_id = uri, experiment_id
-        self.parent_run_id, self.epochs = parent_run_id, epochs
+        self.parent_run_id, self.epochs, self.storage = parent_run_id, epochs, storage
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -172,7 +176,10 @@ class TrialOutcomes(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = (trial.last_result or {}).get(C.RUN_ID_KEY)
-        if run_id is None:
+        storage = getattr(self, "storage", None)   # None: pickled by an older sweep
+        if run_id is None and storage:
+            run_id = TrialFiles(Storage(**storage), trial.trial_id).run_id()
+        elif run_id is None:
             run = find_trial_run(self.uri, self.experiment_id, self.parent_run_id,
                                  trial.trial_id)
             run_id = run.info.run_id if run else None
@@ -222,62 +229,6 @@ def _own_sigint():
         yield
     finally:
         signal.signal(signal.SIGINT, before)
-
-
-class Storage:
-    """Where Tune keeps a study (a local folder or a ``s3://`` / ``gs://`` URI) and the
-    sweep's state file beside it, through pyarrow's filesystems so both work the same."""
-
-    def __init__(self, root: str, study: str):
-        import pyarrow.fs
-
-        self.root_uri = root if "://" in root else str(Path(root).resolve())
-        self.study_uri = self.root_uri.rstrip("/") + "/" + study
-        self.fs, self.path = pyarrow.fs.FileSystem.from_uri(
-            self.study_uri if "://" in self.study_uri else "file://" + self.study_uri)
-
-    def check_writable(self) -> None:
-        """Write a probe file where the study will live, before anything starts; leave no
-        trace (folders it had to create are removed again)."""
-        import pyarrow.fs
-
-        missing = None
-        folder = self.path
-        while folder and self.fs.get_file_info(folder).type == pyarrow.fs.FileType.NotFound:
-            missing, folder = folder, folder.rsplit("/", 1)[0]
-        probe = f"{self.path}/.gradstudy-write-probe"
-        try:
-            self.fs.create_dir(self.path, recursive=True)
-            with self.fs.open_output_stream(probe) as f:
-                f.write(b"ok")
-            self.fs.delete_file(probe)
-            if missing:
-                self.fs.delete_dir(missing)
-        except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SpecError(f"storage: cannot write to {self.study_uri} ({reason})") from None
-
-    def exists(self) -> bool:
-        import pyarrow.fs
-
-        return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
-
-    def read_state(self) -> dict[str, Any] | None:
-        try:
-            with self.fs.open_input_stream(f"{self.path}/{STATE_FILE}") as f:
-                return json.loads(f.read().decode())
-        except (FileNotFoundError, OSError):
-            return None
-
-    def write_state(self, state: dict[str, Any]) -> None:
-        self.fs.create_dir(self.path, recursive=True)
-        with self.fs.open_output_stream(f"{self.path}/{STATE_FILE}") as f:
-            f.write(json.dumps(state, indent=1).encode())
-
-    def set_aside(self, stamp: str) -> None:
-        """--fresh: keep the old sweep's folder, renamed, instead of deleting anything."""
-        if self.exists():
-            self.fs.move(self.path, f"{self.path}.{stamp}")
 
 
 def _unfinished(study_uri: str, expected: int) -> int:

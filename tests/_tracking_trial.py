@@ -22,6 +22,7 @@ def main(uri: str, experiment_id: str, parent: str, trial_id: str, epochs: str,
                    dataset={"name": "fake", "digest": "0", "source": "/nowhere"})
     for epoch in range(1, int(epochs) + 1):
         run.log({f"metric_{i}": epoch + i / 100 for i in range(METRICS)}, step=epoch)
+        run.flush()   # as at a checkpoint: each epoch's write meets the server (or its restart)
         time.sleep(float(pause_s))
     run.end(C.FINISHED)
 

@@ -30,7 +30,8 @@ def tiny_spec(tmp_path, estimators, family="sgd", variant="plain"):
         "models": [{"name": "mlp", "widths": [16]}], "epochs": 3, "lr": [0.1],
         "batch_size": [32], "families": {family: {"variants": [variant]}},
         "measure": {"points": 6, "batches": 2, "histograms": False,
-                    "estimators": estimators}})
+                    "estimators": estimators},
+        "checkpoint": {"every_s": 0}})     # a state every epoch: weights compared per epoch
 
 
 def run(config, **kwargs):

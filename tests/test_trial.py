@@ -85,7 +85,7 @@ def test_a_trial_stops_at_the_first_epoch_that_reaches_its_target(tmp_path):
     assert [m["epoch"] for m, _ in stopped] == [1, 2]
     assert final["train_loss"] == straight[1][0]["train_loss"]
     again, report = collect()
-    run_trial(config, report=report, state=stopped[-1][1])
+    assert run_trial(config, report=report, state=stopped[-1][1]) == final
     assert again == []                                  # resumed: already done
 
 
@@ -96,3 +96,40 @@ def test_stop_targets_are_checked(tmp_path):
                           ({"metric": "train_loss"}, "one of below / above")]:
         with pytest.raises(SpecError, match=message):
             tiny_spec(tmp_path, stop=stop)
+
+
+def test_checkpoints_follow_their_period_and_the_last_epoch_always_has_one(tmp_path):
+    """Every epoch at ``checkpoint.every_s: 0``; with a period longer than the trial only the
+    last epoch (and a ``stop_after`` interruption) hands over a state. Metrics come every
+    epoch either way."""
+    import dataclasses
+
+    spec = tiny_spec(tmp_path)
+    config = spec.trial_config(spec.trials()[0])
+    every, report = collect()
+    run_trial(dataclasses.replace(config, checkpoint_every_s=0.0), report=report)
+    assert [s is not None for _, s in every] == [True] * 4
+    rare, report = collect()
+    run_trial(dataclasses.replace(config, checkpoint_every_s=3600.0), report=report)
+    assert [s is not None for _, s in rare] == [False, False, False, True]
+    assert [m["epoch"] for m, _ in rare] == [1, 2, 3, 4]
+    part, report = collect()
+    run_trial(dataclasses.replace(config, checkpoint_every_s=3600.0), report=report, stop_after=2)
+    assert [s is not None for _, s in part] == [False, True]
+    assert set(part[-1][1]["phases"]) >= {"startup", "data", "eval"}
+
+
+def test_evaluation_every_k_epochs_and_always_the_last(tmp_path):
+    """``evaluate.every: 3`` over 4 epochs evaluates epochs 3 and 4; the training counters
+    are reported every epoch, and training is the same as with every-epoch evaluation."""
+    spec = tiny_spec(tmp_path)
+    sparse = tiny_spec(tmp_path, evaluate={"every": 3})
+    full, report = collect()
+    run_trial(spec.trial_config(spec.trials()[0]), report=report)
+    some, report = collect()
+    run_trial(sparse.trial_config(sparse.trials()[0]), report=report)
+    assert ["val_accuracy" in m for m, _ in some] == [False, False, True, True]
+    assert all("grad_evals" in m and "train_batch_loss" in m for m, _ in some)
+    assert some[-1][0]["test_accuracy"] == full[-1][0]["test_accuracy"]
+    for key, value in full[-1][1]["model"].items():
+        assert torch.equal(value, some[-1][1]["model"][key]), key

@@ -1,0 +1,151 @@
+"""The Ray Tune function trainable: ``study.trial.run_trial`` wired to Tune, to the trial's
+MLflow child run and to its run id in the study's storage (``study.storage.TrialFiles``).
+
+What a trial costs besides training and measuring is kept small and flat: the run is found
+again by the id kept in the trial's files (no search over the experiment); metrics are logged
+in batches (flushed at checkpoints and at the end, and under ASHA before each Tune result: a
+trial ASHA stops in its report keeps what it logged); checkpoints are taken every
+``checkpoint.every_s`` seconds, not every epoch, as Tune checkpoints (so Tune's record of a
+resumed trial continues where its state does), of which Tune keeps the last
+(``CheckpointConfig(num_to_keep=1)``). Tune gets a result (a round trip through the driver
+that the trial waits for) at evaluated epochs (results carry the search metric): with each
+checkpoint, at most one a second in between, and every one under ASHA.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from study import contract as C
+from study.contract import optuna_lr_key
+from study.spec import DatasetSpec, Spec
+from study.storage import Storage, TrialFiles
+from study.trial import Phases, run_trial
+
+STATE = "state.pt"            # a checkpoint folder's one file
+REPORT_EVERY_S = 1.0          # Tune gets at most one result a second between checkpoints
+
+
+def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tune's config -> one point of the study's search. Grid configs carry the whole point
+    under ``trial``; Optuna configs name an arm and its sampled lr / batch size / seed."""
+    if "trial" in config:
+        return config["trial"]
+    arm = arms[config["arm"]]
+    return {**arm, "lr": config[optuna_lr_key(arm["family"])], "batch_size": config["batch_size"],
+            "seed": config["seed"]}
+
+
+def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]],
+              tracking: dict[str, str], storage: dict[str, str]) -> None:
+    """One trial, logged to its MLflow child run, its files in ``storage`` ({"root", "study"}
+    of ``study.storage.Storage``).
+
+    It writes the run's final status when the trial ends by itself (finished / diverged /
+    errored). When Tune ends it (the scheduler stops it, the sweep is interrupted), ``report``
+    raises ``SystemExit`` here and the driver writes the status instead."""
+    import ray
+    from ray import tune
+
+    from study.tracking import client_for
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    client_for(tracking["uri"])    # opens the store once per worker process, before a run starts
+    phases = Phases()              # what happens from here on is in the run's wall time
+    with phases.timed("startup"):
+        cfg = spec.trial_config(search_point(config, arms))
+        torch.set_num_threads(cfg.threads)
+        device = "cuda" if cfg.gpu > 0 and torch.cuda.is_available() else "cpu"
+        trial_id = tune.get_context().get_trial_id()
+        files = TrialFiles(Storage(**storage), trial_id)
+        node = ray.get_runtime_context().get_node_id()      # this attempt's node
+        state, run = _resume(files, tracking, trial_id, cfg, {C.TAG_STUDY: spec.name,
+                                                              C.TAG_NODE_ID: node})
+    tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
+    scheduled = spec.scheduler.kind != "none"   # ASHA's rungs are epochs; it may end the trial
+    reported, last_report = False, -REPORT_EVERY_S                  # in any report
+
+    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        nonlocal reported, last_report
+        histograms = metrics.pop("histograms", None)
+        to_tune = spec.search.metric in metrics and (   # an evaluated epoch, and
+            scheduled or time.monotonic() - last_report >= REPORT_EVERY_S)
+        if state is not None or (to_tune and scheduled):
+            with phases.timed("log"):
+                run.flush()
+                if histograms:
+                    run.log_json(C.GRAD_HIST, histograms)
+        if state is None and to_tune:
+            with phases.timed("report"):
+                tune.report({**metrics, **tune_keys})
+        elif state is not None:
+            with tempfile.TemporaryDirectory() as d:
+                with phases.timed("checkpoint"):
+                    torch.save(state, Path(d) / STATE)
+                    checkpoint = tune.Checkpoint.from_directory(d)
+                with phases.timed("report"):   # Tune copies the folder into its storage
+                    tune.report({**metrics, **tune_keys}, checkpoint=checkpoint)
+        if state is not None or to_tune:
+            reported, last_report = True, time.monotonic()
+
+    try:
+        final = run_trial(cfg, log=run.log, report=report, state=state, device=device,
+                          phases=phases)
+    except Exception:
+        run.end(C.ERRORED)
+        raise
+    if not reported and spec.search.metric in final:  # resumed from its last epoch's checkpoint
+        tune.report({**final, **tune_keys})
+    run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
+            final.get(C.ITERATION, 0))
+    run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
+
+
+def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg,
+            tags: dict[str, str]):
+    """(checkpoint state or None, the trial's MLflow run): the run the trial's files name (a
+    trial of a sweep stored before trials had files finds it by a search, once), else a new
+    one. A checkpoint Tune names but cannot find (a driver killed between pruning the previous
+    one and saving its state) starts the trial over, as Tune's record then does."""
+    from ray import tune
+
+    from study.tracking import TrialRun, find_trial_run
+
+    state, run_id = None, files.run_id()
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        try:
+            with checkpoint.as_directory() as d:
+                state = torch.load(Path(d) / STATE, weights_only=False)
+        except FileNotFoundError:
+            logging.getLogger(__name__).warning("trial %s: checkpoint %s is gone; starting over",
+                                                trial_id, checkpoint.path)
+        if run_id is None:
+            found = find_trial_run(tracking["uri"], tracking["experiment_id"],
+                                   tracking["parent_run_id"], trial_id)
+            run_id = found.info.run_id if found else None
+    run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
+                   trial_id, cfg.params(),
+                   tags={**tags, "family": cfg.family, "variant": cfg.variant,
+                         "model": cfg.model, "arm": cfg.arm},
+                   dataset=dataset_identity(cfg.dataset), run_id=run_id)
+    if run_id is None:
+        files.set_run_id(run.run_id)
+    return state, run
+
+
+def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
+    """Name, digest and source of the study's data for MLflow's dataset inputs: the digest is
+    of the settings that generate / select it (same settings, same examples)."""
+    import hashlib
+
+    # options at their defaults are left out, so the digest stays what it was before they existed
+    unset = {k for k in ("test_label_noise", "fresh", "augment") if not getattr(dataset, k)}
+    digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
+    size = f"-{dataset.size}" if dataset.size else ""
+    return {"name": f"{dataset.name}{size}", "digest": digest,
+            "source": str(Path(dataset.root).resolve() / dataset.name)}
