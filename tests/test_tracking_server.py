@@ -27,21 +27,32 @@ COUNTS = """SELECT count(*), count(DISTINCT (m.run_uuid, m.key, m.step))
             FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid
             WHERE r.experiment_id = %s"""
 TRIAL_RUNS = """SELECT r.status, count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid
-                WHERE r.experiment_id = %s AND t.key = %s AND t.value = %s GROUP BY r.status"""
+                WHERE r.experiment_id = %s AND t.key = %s AND t.value = %s
+                  AND r.lifecycle_stage = 'active' GROUP BY r.status"""
 
 
-def start_trials(uri: str, study: str, epochs: int, pause_s: float, logs: Path,
+def start_trials(uri: str, study: str, epochs: int, pause_s: float, logs: Path, pg,
                  env: dict[str, str] | None = None):
-    """A study's parent run and ``TRIALS`` real trial processes logging into it."""
+    """A study's parent run and ``TRIALS`` real trial processes logging into it, released
+    together once every one has its run (so all are logging at once, however slowly a loaded
+    machine starts them)."""
     experiment = open_store(uri, study)
     parent = study_parent(uri, experiment, study, None, {"trials": TRIALS}, {})
     logs.mkdir()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
+    go = logs / "GO"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           "TRIAL_GO_FILE": str(go), **(env or {})}
     procs = [subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "_tracking_trial.py"), uri, experiment, parent,
          f"trial_{i:02d}", str(epochs), str(pause_s)],
         env=env, stdout=open(logs / f"{i}.log", "w"), stderr=subprocess.STDOUT)
         for i in range(TRIALS)]
+    deadline = time.monotonic() + 600
+    while sum(n for _, n in pg.query(TRIAL_RUNS, experiment, C.TAG_PARENT, parent)) < TRIALS:
+        assert time.monotonic() < deadline, "the trials never created their runs"
+        assert all(p.poll() is None for p in procs), "a trial ended before it began"
+        time.sleep(0.2)
+    go.touch()
     return int(experiment), parent, procs
 
 
@@ -72,7 +83,7 @@ def test_concurrent_trials_lose_no_metric(pg_mlflow, tmp_path):
     epochs = 10
     started = time.monotonic()
     experiment, parent, procs = start_trials(pg_mlflow.uri, "concurrent", epochs, 0.05,
-                                             tmp_path / "logs")
+                                             tmp_path / "logs", pg_mlflow.postgres)
     wait_all(procs, tmp_path / "logs", timeout_s=600)
     check_store(pg_mlflow.postgres, experiment, parent, epochs)
     print(f"{TRIALS} trials x {epochs} epochs x {METRICS} metrics: "
@@ -90,7 +101,7 @@ def test_server_restarted_mid_study_keeps_every_metric_once(pg_mlflow, tmp_path,
     pg = pg_mlflow.postgres
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"} if http_retries == "none" else {}
     experiment, parent, procs = start_trials(pg_mlflow.uri, f"restarted-{http_retries}", epochs,
-                                             0.25, tmp_path / "logs", env)
+                                             0.25, tmp_path / "logs", pg, env)
     total = TRIALS * epochs * METRICS
     deadline = time.monotonic() + 300
     while pg.query(COUNTS, experiment)[0][0] < total // 5:
