@@ -19,8 +19,6 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metric that picks the best LR (train_loss: min, as sngrad)")
     parser.add_argument("--parent-run-id", default=None,
                         help="sweep to report (default the latest)")
-    parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="tuneability tolerance in accuracy units (0.01 = 1 point)")
     parser.add_argument("--target-fraction", type=float, default=0.9,
                         help="cost-to-target goal as a fraction of the best accuracy reached")
     parser.add_argument("--spec", default=None,
@@ -41,7 +39,7 @@ def run_report(args: argparse.Namespace) -> Path:
         tracking_uri = "sqlite:///" + str(Path.cwd() / tracking_uri[len("sqlite:///"):])
     out = make_report(args.study, tracking_uri=tracking_uri, results_dir=args.results,
                       out_dir=args.out, select=args.select, log_to_mlflow=not args.no_mlflow_log,
-                      parent_run_id=args.parent_run_id, tolerance=args.tolerance,
+                      parent_run_id=args.parent_run_id,
                       target_fraction=args.target_fraction, spec=getattr(args, "spec", None))
     best = best_per_family(out)
     if not best.empty:

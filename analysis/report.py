@@ -214,7 +214,7 @@ def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float],
 
 def make_report(study: str, tracking_uri: str | None = None, results_dir=None, out_dir=None,
                 select: str = C.VAL_ACCURACY, log_to_mlflow: bool = True,
-                parent_run_id: str | None = None, tolerance: float = 0.01,
+                parent_run_id: str | None = None,
                 target_fraction: float = 0.9, spec: str | Path | None = None) -> Path:
     """Write the study's report folder (default ``reports/<study>``) and return its path.
     ``spec``: a spec file whose ``claims:`` to judge (default: the sweep's own spec)."""
@@ -225,8 +225,7 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     out.mkdir(parents=True, exist_ok=True)
     select = tables.resolve_select(trials, select)
     table_list = [write_table(t, out / "tables") for t in [
-        *tables.all_tables(trials, metrics, select, tolerance=tolerance,
-                           target_fraction=target_fraction),
+        *tables.all_tables(trials, metrics, select, target_fraction=target_fraction),
         protocol.budget_table(trials), protocol.comparison_table(trials, select)]]
     warnings = (protocol.protocol_warnings(trials, select)
                 + protocol.measurement_warnings(trials, metrics))
