@@ -13,6 +13,12 @@ from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
+from analysis.figures_profiles import (
+    MIN_PROFILE_PROBLEMS,
+    performance_profiles,
+    profile_curve,
+    profile_score,
+)
 from analysis.style import (
     FAMILY_COLORS,
     PANEL_H,
@@ -33,9 +39,10 @@ from analysis.style import (
 )
 from study import contract as C
 
-__all__ = ["FAMILY_COLORS", "FigureResult", "arm_label", "arm_suffix", "family_color",
-           "grad_histograms", "learning_curves", "lr_bs_heatmaps", "lr_sensitivity",
-           "performance_profiles", "profile_curve", "profile_score", "variance_curves"]
+__all__ = ["FAMILY_COLORS", "MIN_PROFILE_PROBLEMS", "FigureResult", "arm_label", "arm_suffix",
+           "family_color", "grad_histograms", "learning_curves", "lr_bs_heatmaps",
+           "lr_sensitivity", "performance_profiles", "profile_curve", "profile_score",
+           "variance_curves"]
 
 
 def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
@@ -356,51 +363,4 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
         ax.axis("off")
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "grad_histograms"), n_panels=len(keys),
-                        n_series=n_series)
-
-
-def profile_curve(costs: pd.DataFrame, taus: np.ndarray) -> dict[str, np.ndarray]:
-    """ρ_s(τ): share of problems on which family s is within factor τ of the best family.
-    ``costs``: rows = problems, columns = families, ∞/NaN = target not reached."""
-    costs = costs.astype(float).fillna(np.inf)
-    best = costs.min(axis=1)
-    ratios = costs.div(best, axis=0).where(np.isfinite(best), np.inf, axis=0)
-    return {fam: np.array([(ratios[fam] <= t).mean() for t in taus]) for fam in costs.columns}
-
-
-def profile_score(rho: np.ndarray, taus: np.ndarray) -> float:
-    """AlgoPerf score: the normalised area under ρ(τ) from 1 to r_max."""
-    return float(np.trapezoid(rho, taus) / (taus[-1] - taus[0]))
-
-
-def performance_profiles(cost: pd.DataFrame, out_dir: Path, r_max: float = 4.0) -> FigureResult:
-    """AlgoPerf performance profiles over problems (dataset × model) of the cost to reach the
-    target, in gradient evaluations and in seconds, at each family's tuned setting."""
-    if cost.empty:
-        return skipped("no cost-to-target data")
-    cost = cost.assign(problem=cost["dataset"].astype(str) + "/" + cost["model"].astype(str))
-    if cost["problem"].nunique() < 2:
-        return skipped("performance profiles need at least 2 problems (dataset × model)")
-    taus = np.linspace(1.0, r_max, 301)
-    fig, axes = panel_grid(1, 2, panel_h=PANEL_H + 1.0, layout="constrained")
-    n_series = 0
-    for ax, col, unit in ((axes[0, 0], "grad_evals_to_target", "gradient evaluations"),
-                          (axes[0, 1], "time_s_to_target", "wall-clock seconds")):
-        table = cost.pivot_table(index="problem", columns="family", values=col, aggfunc="min")
-        table = table[sorted(table.columns, key=family_order)]
-        curves = profile_curve(table, taus)
-        for k, (fam, rho) in enumerate(curves.items()):
-            width = 3.5 - 2.3 * k / max(1, len(curves) - 1)  # wide first: tied curves stay visible
-            ax.step(taus, rho, where="post", color=family_color(fam), lw=width,
-                    label=f"{fam} (score {profile_score(rho, taus):.2f})")
-            n_series += 1
-        ax.set_xlim(1, r_max)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("τ: cost ratio to the best family")
-        ax.set_ylabel("ρ(τ): share of problems within τ of best")
-        ax.set_title(f"cost to target in {unit}\n({table.shape[0]} problems)", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
-                  frameon=False)  # below the axes: ρ curves fill the panel
-    return FigureResult(save_png(fig, Path(out_dir), "performance_profiles"), n_panels=2,
                         n_series=n_series)

@@ -52,7 +52,7 @@ FIGURE_CAPTIONS = {
                             "size's best lr, the fitted front (S/S_min − 1)(E/E_min − 1) = 1 "
                             "and the batch size B_simple predicts (McCandlish et al., Fig. 3).",
     "performance_profiles": "Performance profiles of the cost to reach the validation target "
-                            "(AlgoPerf); with few problems ρ takes few values.",
+                            "(AlgoPerf), over at least 5 problems (dataset × model).",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -121,14 +122,25 @@ def test_grad_histograms_from_downloaded_artifacts(study, tmp_path):
     assert figures.grad_histograms({}, tmp_path / "none").path is None
 
 
-def test_performance_profiles_need_two_problems(study, tmp_path):
-    _, trials, metrics, _ = study
+def _costs_on(n_problems: int, families=("sgd", "adam")) -> pd.DataFrame:
+    rows = [{"dataset": "d", "model": f"m{p}", "family": f, "grad_evals_to_target": 100.0 * (i + 1),
+             "time_s_to_target": 1.0 + p + i} for p in range(n_problems)
+            for i, f in enumerate(families)]
+    return pd.DataFrame(rows)
+
+
+def test_performance_profiles_are_drawn_only_over_enough_problems(study, tmp_path):
+    few = figures.MIN_PROFILE_PROBLEMS - 1
+    skipped = figures.performance_profiles(_costs_on(few), tmp_path / "few")
+    assert skipped.path is None and not (tmp_path / "few").exists()
+    assert f"at least {figures.MIN_PROFILE_PROBLEMS} problems" in skipped.reason
+    assert f"this study has {few}" in skipped.reason
+    drawn = figures.performance_profiles(_costs_on(figures.MIN_PROFILE_PROBLEMS), tmp_path)
+    _check_png(drawn)
+    assert drawn.n_series == 2 * 2  # grad evals and seconds, two families each
+    _, trials, metrics, _ = study   # the demo store: 2 problems, so not drawn
     cost = tables.cost_to_target_frame(trials, metrics)
-    result = figures.performance_profiles(cost, tmp_path)
-    _check_png(result)
-    assert result.n_series == 2 * N_FAMILIES
-    one = figures.performance_profiles(cost[cost["model"] == "mlp"], tmp_path / "one")
-    assert one.path is None and "at least 2 problems" in one.reason
+    assert "this study has 2" in figures.performance_profiles(cost, tmp_path / "demo").reason
 
 
 def test_profile_curve_matches_hand_computed_ratios():

@@ -24,6 +24,7 @@ TABLES = ("best_lr", "final_test_accuracy", "tuneability", "cost_to_target", "tr
           "critical_batch_size", "tuning_budget", "baseline_comparison")
 FIGURES = ("lr_sensitivity", "lr_bs_heatmaps", "learning_curves", "variance", "grad_histograms",
            "performance_profiles")
+DRAWN = FIGURES[:-1]   # the demo store has 2 problems: too few for performance profiles
 
 
 def all_lost(model, family, lr, batch_size, seed):
@@ -115,7 +116,7 @@ def test_a_study_whose_every_trial_was_stopped_early_reports_their_last_values(s
     uri, out, trials, metrics = stopped
     counts = _counts(out)
     assert (counts[C.STOPPED] == counts["total"]).all()
-    assert _figures(out) == sorted(FIGURES)
+    assert _figures(out) == sorted(DRAWN)
     best = best_per_family(out)
     assert len(best) == len(store.MODELS) * len(store.FAMILIES)
     assert (best.loc[best["family"] == "sgd", "lr"] == 0.1).all()
