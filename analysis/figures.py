@@ -26,15 +26,18 @@ from analysis.style import (
     arm_label,
     arm_styles,
     arm_suffix,
+    diverged_handle,
     family_color,
     family_order,
     legend_outside,
     legend_right,
+    mark_diverged,
     panel_grid,
     plain_log_ticks,
     problem_label,
     problems_of,
     save_png,
+    setting_style,
     skipped,
 )
 from study import contract as C
@@ -72,10 +75,8 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
                                 color=colour, ls=style, marker="o", ms=4, capsize=2)
                     n_series += 1
                 bad = part[part["status"] == C.DIVERGED]
-                if len(bad):
-                    y = 100 * bad[metric].fillna(0.0).clip(lower=0)
-                    ax.scatter(bad["lr"], y, marker="x", s=60, color=colour, zorder=5)
-                    n_marked += len(bad)
+                n_marked += mark_diverged(ax, bad["lr"],
+                                          100 * bad[metric].fillna(0.0).clip(lower=0), colour)
             ax.set_xscale("log")
             ax.set_title(f"{problem_label(problem)}, batch size {int(size)}", fontsize=10)
             ax.set_xlabel("learning rate (log scale)")
@@ -84,7 +85,7 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
             ax.grid(True, which="major", alpha=0.3)
     handles = [Line2D([], [], color=c, ls=s, marker="o") for c, s, _ in styles.values()]
     labels = [lab for _, _, lab in styles.values()]
-    handles.append(Line2D([], [], color="k", marker="x", ls="none"))
+    handles.append(diverged_handle())
     labels.append("diverged trial")
     legend_right(fig, handles, labels)
     fig.tight_layout()
@@ -190,12 +191,14 @@ def _seed_spread(metrics: pd.DataFrame, run_ids: list[str], x: str, y: str) -> p
 def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
     """Test accuracy and train loss per unit of work (gradient evaluations), and test accuracy
     against training seconds (``time_s``), at each family's tuned setting: seed means with a
-    ±1 std band over seeds where there are several."""
+    ±1 std band over seeds where there are several. Colour = family, line style = variant; a
+    family whose every LR diverged shows its diverged runs, ending in an x."""
     if best.empty or metrics.empty or C.GRAD_EVALS not in set(metrics["key"]):
         return skipped("no grad_evals history to plot learning curves against")
     problems = problems_of(best)
     fig, axes = panel_grid(len(problems), 3)
-    n_series = 0
+    styles = arm_styles(best)
+    n_series = n_marked = 0
     panels = ((0, C.GRAD_EVALS, C.TEST_ACCURACY, 100), (1, C.GRAD_EVALS, C.TRAIN_LOSS, 1),
               (2, C.TIME_S, C.TEST_ACCURACY, 100))
     for r, problem in enumerate(problems):
@@ -204,10 +207,14 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                 c = _seed_spread(metrics, row["run_ids"], x, y)
                 if c.empty:
                     continue
-                ax, colour = axes[r, col], family_color(row["family"])
-                ax.plot(c["x"], scale * c["mean"], color=colour, marker=".",
+                ax = axes[r, col]
+                colour, style, diverged = setting_style(styles, row)
+                ax.plot(c["x"], scale * c["mean"], color=colour, ls=style, marker=".",
                         label=_setting_label(row) + (f" ({int(c['n'].max())} seeds)"
                                                      if c["n"].max() > 1 else ""))
+                if diverged:
+                    n_marked += mark_diverged(ax, c["x"].iloc[-1:],
+                                              scale * c["mean"].iloc[-1:], colour)
                 if c["n"].max() > 1:
                     band = scale * c["std"].fillna(0)
                     ax.fill_between(c["x"], scale * c["mean"] - band, scale * c["mean"] + band,
@@ -228,29 +235,32 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
         legend_outside(axes[r, 2])
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
-                        n_series=n_series)
+                        n_series=n_series, n_marked=n_marked)
 
 
 def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
     """Faghri et al.: variance and normalized variance of each family's step direction
-    (``var/dir_*``, solid) beside plain SGD's mini-batch gradient at the same weights
-    (``var/sgd_*``, dotted), at its tuned setting (seed means, log y), against the examples
-    seen (iteration × batch size), so that tuned settings of different batch sizes line up."""
+    (``var/dir_*``, thick with dots) beside plain SGD's mini-batch gradient at the same weights
+    (``var/sgd_*``, thin), at its tuned setting (seed means, log y), against the examples
+    seen (iteration × batch size), so that tuned settings of different batch sizes line up.
+    Colour = family, line style = variant; an x ends the curve of a setting that diverged."""
     keys = {"var": "variance", "nvar": "normalized variance"}
     dirs = {C.variance_key(C.DIRECTION, k) for k in keys}
     if best.empty or metrics.empty or not dirs & set(metrics["key"]):
         return skipped("no var/dir_var or var/dir_nvar metrics recorded")
     problems = problems_of(best)
     fig, axes = panel_grid(len(problems), 2)
-    n_series = 0
+    styles = arm_styles(best)
+    n_series = n_marked = 0
     for r, problem in enumerate(problems):
         plotted: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         xs = []
         for _, row in _family_rows(best, problem):
             wanted = [C.variance_key(e, k) for e in (C.DIRECTION, C.SGD_GRADIENT) for k in keys]
             curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
+            colour, style, diverged = setting_style(styles, row)
             for ax, stat in zip(axes[r], keys):
-                for estimator, style in ((C.DIRECTION, "-"), (C.SGD_GRADIENT, ":")):
+                for estimator in (C.DIRECTION, C.SGD_GRADIENT):
                     key = C.variance_key(estimator, stat)
                     if key not in curves or not curves[key].notna().any():
                         continue
@@ -258,8 +268,12 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                     x = c.index.to_numpy(float) * float(row["batch_size"])
                     label = _setting_label(row) + ("" if estimator == C.DIRECTION
                                                    else ": plain SGD, same weights")
-                    ax.plot(x, c.values, color=family_color(row["family"]), ls=style,
-                            marker="." if estimator == C.DIRECTION else None, label=label)
+                    own = estimator == C.DIRECTION
+                    ax.plot(x, c.values, color=colour, ls=style, lw=1.8 if own else 0.8,
+                            alpha=1.0 if own else 0.6, marker="." if own else None,
+                            label=label)
+                    if diverged and own:
+                        n_marked += mark_diverged(ax, x[-1:], c.values[-1:], colour)
                     plotted[stat].append(c.values)
                     xs.append(x)
                     n_series += 1
@@ -275,13 +289,13 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                 ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             plain_log_ticks(ax)
             ax.set_ylabel(f"{name} (log scale)")
-            ax.set_title(f"{problem_label(problem)}\nvar/dir_{stat} (solid), var/sgd_{stat} "
-                         "(dotted)", fontsize=9)
+            ax.set_title(f"{problem_label(problem)}\nvar/dir_{stat} (thick), var/sgd_{stat} "
+                         "(thin)", fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
         legend_outside(axes[r, 1])
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "variance"), n_panels=axes.size,
-                        n_series=n_series)
+                        n_series=n_series, n_marked=n_marked)
 
 
 def _clip_degenerate(ax, series: list[np.ndarray], span: float = 1e6) -> None:

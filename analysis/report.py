@@ -27,22 +27,25 @@ from analysis.load import (
     load_tune,
 )
 from analysis.summary import best_per_family, format_best
-from analysis.writer import Table, to_markdown, write_table
+from analysis.writer import Table, percent_name, to_markdown, write_table
 from study import contract as C
 
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("dataset", "model", "family", "variant", "batch_size", "best_lr", "edge",
-                   C.TEST_ACCURACY, C.TRAIN_LOSS, "n_diverged")
+                   percent_name(C.TEST_ACCURACY), C.TRAIN_LOSS, "n_diverged")
 FIGURE_CAPTIONS = {
-    "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; x = diverged).",
+    "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; colour = family, "
+                      "line style = variant; x = diverged).",
     "lr_bs_heatmaps": "Final test accuracy (%) over the LR × batch-size grid, per family.",
     "learning_curves": "Learning curves at each family's tuned setting: test accuracy and "
                        "train loss per gradient evaluation, test accuracy per training second "
-                       "(seed mean, band: ±1 std over seeds).",
+                       "(seed mean, band: ±1 std over seeds; colour = family, line style = "
+                       "variant; x = the end of a family whose every LR diverged).",
     "variance": "Variance and normalized variance of each family's step direction "
-                "(var/dir_*, solid) beside plain SGD's gradient at the same weights "
-                "(var/sgd_*, dotted), against examples seen (Faghri et al.).",
+                "(var/dir_*, thick) beside plain SGD's gradient at the same weights "
+                "(var/sgd_*, thin), against examples seen (Faghri et al.; colour = family, "
+                "line style = variant, x = diverged).",
     "grad_histograms": "Histograms of |gradient entries| over training (log-log).",
     "estimators": "Variance and normalized variance of every estimator measured along one "
                   "trajectory (the first seed of each tuned setting): the trial's update, SGD "
@@ -244,7 +247,7 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     sections = [
         ("best", "Best setting per model × family",
          f"The tuned setting of each family (by final {select}, seed means; accuracies as "
-         "fractions); blank where every LR diverged or no trial is a result.", [best_file],
+         "percent); blank where every LR diverged or no trial is a result.", [best_file],
          tables.drop_redundant_arm(best_rows)),
         ("summary", "Summary (best LR per model × family × batch size)", "",
          [out / "summary.csv", out / "summary.md"], summary_table)]

@@ -2,12 +2,13 @@
 critical batch size. Every function takes the frames of ``analysis.load`` and returns a
 ``Table`` (written by ``analysis.writer``); missing inputs give a table that says so.
 
-Conventions: accuracies are fractions in [0, 1] (as logged); the results are the trials whose
-status is one of ``contract.RESULT_STATUSES``: finished, stopped early by the scheduler (its
-final metrics are those of its last epoch) and diverged (its score is NaN, so a setting where
-any seed diverged is never selected). Errored, interrupted and still-running trials are not
-results and are left out of every statistic except the counts. Every table survives a study
-with no result left (it then says so).
+Conventions: accuracies are fractions in [0, 1] as logged, and percent (one decimal, columns
+named '... (%)') in every table a reader sees (``writer.accuracy_in_percent``); the results
+are the trials whose status is one of ``contract.RESULT_STATUSES``: finished, stopped early
+by the scheduler (its final metrics are those of its last epoch) and diverged (its score is
+NaN, so a setting where any seed diverged is never selected). Errored, interrupted and
+still-running trials are not results and are left out of every statistic except the counts.
+Every table survives a study with no result left (it then says so).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 from analysis import stats
 from analysis.grid import EDGE, with_edge
-from analysis.writer import Table
+from analysis.writer import Table, accuracy_in_percent
 from study import contract as C
 
 SELECTIONS = {C.VAL_ACCURACY: "max", C.TRAIN_LOSS: "min", C.TEST_ACCURACY: "max"}
@@ -117,7 +118,7 @@ def best_lr_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
                                                                    "n_diverged"]
     rule = f"{SELECTIONS[select]} final {select}"
     return Table("best_lr", f"Best learning rate per setting (selected by {rule})",
-                 drop_redundant_arm(best[cols]),
+                 drop_redundant_arm(accuracy_in_percent(best[cols])),
                  "Seed means at the selected LR (a setting where any seed diverged is never "
                  "selected); best_lr is '–' when every LR diverged. edge: the best LR is the "
                  "lowest ('low') or highest ('high') LR tried, or the only one: extend the grid.")
@@ -276,10 +277,14 @@ def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.VAL_AC
         return note_table("cost_to_target", "Cost to reach the target",
                           f"no {metric} history of a finished, stopped or diverged trial "
                           "(targets are set on validation data, never on test data)")
-    goal = (f"{target:g}" if target is not None
-            else f"{target_fraction:g} × the best {metric} any trial reached")
+    shown = accuracy_in_percent(frame.rename(columns={"target": f"target {metric}"}))
+    if metric.endswith("accuracy"):
+        target_text = f"{100 * target:.1f}%" if target is not None else None
+    else:
+        target_text = f"{target:g}" if target is not None else None
+    goal = target_text or f"{target_fraction:g} × the best {metric} any trial reached"
     return Table("cost_to_target", f"Cost to reach {metric} ≥ target ({goal})",
-                 drop_redundant_arm(frame),
+                 drop_redundant_arm(shown),
                  "Gradient evaluations (examples through a backward, incl. periodic work) and "
                  "wall seconds at the first logged step reaching the target; median over seeds "
                  "at the tuned setting ('not reached' = ∞), and the fastest trial in the grid.")

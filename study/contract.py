@@ -52,7 +52,7 @@ RUN_ID_KEY = "mlflow_run_id"          # reported to Tune beside the metrics (the
 # seconds a trial spent besides training and measuring, by phase, logged once at its end:
 # overhead/{startup,data,eval,checkpoint,report,log}_s (study.trial.Phases)
 OVERHEAD_PREFIX = "overhead/"
-BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>
+BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>_pct (%)
 
 # -- the variance probe's metrics (Faghri et al.'s get_Ege_var; McCandlish et al.'s B_simple) --
 VARIANCE_PREFIX = "var/"

@@ -158,3 +158,50 @@ def test_family_colours_are_fixed_and_distinct():
                ("sgd", "adam", "snr", "well_tempered", "kfac", "svrg", "gc")]
     assert len(set(colours)) == 7
     assert figures.family_color("new_family") == figures.family_color("new_family")
+
+
+def _keep_figures(monkeypatch) -> list:
+    """The figures the next drawing functions save (closed, but their artists stay)."""
+    kept, save = [], figures.save_png
+    monkeypatch.setattr(figures, "save_png", lambda fig, *a: kept.append(fig) or save(fig, *a))
+    return kept
+
+
+def _lines(fig):
+    return [line for ax in fig.axes for line in ax.get_lines()]
+
+
+def _two_sgd_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of every sgd row as a second variant (momentum) of the same family."""
+    twin = frame[frame["family"] == "sgd"].copy()
+    twin["variant"] = "momentum"
+    twin["arm"] = twin["arm"].str.replace("/default", "/momentum")
+    if "run_id" in twin:
+        twin["run_id"] = twin["run_id"] + "-m"
+    return pd.concat([frame, twin], ignore_index=True)
+
+
+def test_curve_figures_tell_variants_apart_by_line_style_and_mark_diverged_points(
+        study, tmp_path, monkeypatch):
+    _, trials, metrics, best = study
+    sgd = figures.family_color("sgd")
+    best = _two_sgd_variants(best)
+    best.loc[best["family"] == "svrg", "score"] = float("nan")  # as if every LR diverged
+    kept = _keep_figures(monkeypatch)
+    learning = figures.learning_curves(metrics, best, tmp_path)
+    variance = figures.variance_curves(metrics, best, tmp_path)
+    doubled = _two_sgd_variants(trials)
+    sensitivity = figures.lr_sensitivity(doubled, tmp_path)
+    for fig, result, per_problem in zip(kept, (learning, variance, sensitivity), (3, 2, None)):
+        lines = _lines(fig)
+        styles = {line.get_linestyle() for line in lines
+                  if line.get_color() == sgd and line.get_marker() != "x"}
+        assert {"-", "--"} <= styles   # one family, two variants: two line styles
+        marks = [line for line in lines if line.get_marker() == "x"]
+        assert all(line.get_linestyle() == "None" for line in marks)
+        n_points = sum(len(line.get_xdata()) for line in marks)
+        if per_problem:   # svrg's curve ends in an x in every panel it is drawn in
+            assert n_points == result.n_marked == N_PROBLEMS * per_problem
+            assert {line.get_color() for line in marks} == {figures.family_color("svrg")}
+        else:             # an x per diverged trial
+            assert n_points == result.n_marked == (doubled["status"] == C.DIVERGED).sum() > 0
