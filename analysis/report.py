@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import claims as claims_mod
-from analysis import figures, figures_studies, protocol, summary, tables
+from analysis import figures, figures_studies, protocol, selection, summary, tables
 
 # One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -151,22 +151,24 @@ def _source_line(trials, quote: str = "`") -> str:
 
 def _intro(trials, select, quote: str = "`") -> str:
     text = (f"Source: {_source_line(trials, quote)}. {summary.status_line(trials)}. "
-            f"Best LR selected by final {quote}{select}{quote}; only finished, stopped and "
+            f"Best LR selected by {quote}{selection.describe(select)}{quote}; only finished, "
+            "stopped and "
             "diverged trials are results.")
     if tables.usable(trials).empty:
         text += " No trial is a result: the tables below are empty and no figure is drawn."
     return text
 
 
-def study_claims(trials, spec: str | Path | None = None) -> list[dict]:
-    """The claims of ``spec`` (a spec file) when given, else of the spec the sweep logged on
-    its parent run (MLflow); none for a Tune folder without a spec."""
+def study_spec_text(trials, spec: str | Path | None = None) -> str | None:
+    """The text of ``spec`` (a spec file) when given, else of the spec the sweep logged on its
+    parent run (MLflow); None for a Tune folder without a spec."""
     if spec is not None:
-        return claims_mod.claims_of(Path(spec).read_text())
+        return Path(spec).read_text()
     if trials.attrs.get("source") == "mlflow":
-        return claims_mod.claims_of(download_text(
-            trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"], C.SPEC_ARTIFACT))
-    return []
+        return download_text(trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"],
+                             C.SPEC_ARTIFACT)
+    return None
+
 
 
 PROTOCOL_TITLE = "Protocol checks"
@@ -216,23 +218,28 @@ def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float],
 
 
 def make_report(study: str, tracking_uri: str | None = None, results_dir=None, out_dir=None,
-                select: str = C.VAL_ACCURACY, log_to_mlflow: bool = True,
+                select: str | None = None, log_to_mlflow: bool = True,
                 parent_run_id: str | None = None,
                 target_fraction: float = 0.9, spec: str | Path | None = None) -> Path:
     """Write the study's report folder (default ``reports/<study>``) and return its path.
-    ``spec``: a spec file whose ``claims:`` to judge (default: the sweep's own spec)."""
+    ``spec``: a spec file whose ``claims:`` (and selection) to use (default: the sweep's own
+    spec). ``select``: what picks the tuned settings (``analysis.selection``; default: the
+    spec's ``search.select``, else its ``search.metric``, else val_accuracy)."""
     trials, metrics = load_study(study, tracking_uri, results_dir, parent_run_id)
     if trials.empty:
         raise StudyNotFoundError(f"study {study!r}: the sweep has no trials to report on")
     out = Path(out_dir or Path("reports") / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    spec_text = study_spec_text(trials, spec)
+    select = select or selection.of_spec(spec_text)
+    trials = selection.with_selection_column(trials, metrics, select)
     select = tables.resolve_select(trials, select)
     table_list = [write_table(t, out / "tables") for t in [
         *tables.all_tables(trials, metrics, select, target_fraction=target_fraction),
         protocol.budget_table(trials), protocol.comparison_table(trials, select)]]
     warnings = (protocol.protocol_warnings(trials, select)
                 + protocol.measurement_warnings(trials, metrics))
-    claims = study_claims(trials, spec)
+    claims = claims_mod.claims_of(spec_text)
     results = claims_mod.evaluate(claims, trials, metrics, select)
     claims_table = claims_mod.claims_table(results)
     claims_table.paths = {"csv": claims_mod.claims_csv(results, out / C.CLAIMS_ARTIFACT)}
@@ -240,13 +247,15 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     summary_table = summary_frame(best_lr)
     summary_table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(
-        f"# {study}: best LR per model × family × batch size (by final {select})\n\n"
+        f"# {study}: best LR per model × family × batch size (by {selection.describe(select)})"
+        "\n\n"
         + to_markdown(summary_table))
     best_rows = summary.best_frame(trials, select)
     best_file = summary.write_best(best_rows, out)
     sections = [
         ("best", "Best setting per model × family",
-         f"The tuned setting of each family (by final {select}, seed means; accuracies as "
+         f"The tuned setting of each family (by {selection.describe(select)}, seed means; "
+         "accuracies as "
          "percent); blank where every LR diverged or no trial is a result.", [best_file],
          tables.drop_redundant_arm(best_rows)),
         ("summary", "Summary (best LR per model × family × batch size)", "",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import tables
+from analysis import selection, tables
 from analysis.style import arm_suffix, family_order
 from analysis.writer import accuracy_in_percent, format_value, percent_name, to_markdown
 from study import contract as C
@@ -120,7 +120,8 @@ def description(study: str, trials: pd.DataFrame, best: pd.DataFrame, select: st
     """The parent run's markdown description: study, dataset, trials by status, best table."""
     datasets = ", ".join(sorted(map(str, trials["dataset"].dropna().unique()))) or "unknown"
     lines = [f"**Study `{study}`** on **{datasets}**", "", f"{status_line(trials)}.", "",
-             f"Best setting of each model × family (by final {select}, seed means); the full "
+             f"Best setting of each model × family (by {selection.describe(select)}, seed "
+             "means); the full "
              f"report is the artifact `{C.REPORT_DIR}/index.html`.", ""]
     if best.empty:
         return "\n".join(lines + ["No trial is a result (none finished, stopped or diverged)."])

@@ -15,12 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis import stats
+from analysis import selection, stats
 from analysis.grid import EDGE, with_edge
 from analysis.writer import Table, accuracy_in_percent
 from study import contract as C
 
-SELECTIONS = {C.VAL_ACCURACY: "max", C.TRAIN_LOSS: "min", C.TEST_ACCURACY: "max"}
 SETTING_KEYS = ("dataset", "model", "family", "variant", "arm", "batch_size")
 PROBLEM_KEYS = ("dataset", "model")
 REPORTED = (C.TEST_ACCURACY, C.VAL_ACCURACY, C.TRAIN_LOSS, C.GRAD_EVALS, C.TIME_S)
@@ -45,9 +44,9 @@ def note_table(name: str, title: str, note: str) -> Table:
 
 
 def resolve_select(trials: pd.DataFrame, select: str) -> str:
-    """The selection metric, falling back to test accuracy when the study had no val split."""
-    if select not in SELECTIONS:
-        raise ValueError(f"select={select!r}: must be one of {sorted(SELECTIONS)}")
+    """The selection (``analysis.selection``), falling back to test accuracy when the study
+    had no val split."""
+    selection.check(select)
     if select in trials.columns and trials[select].notna().any():
         return select
     if not _has_metrics(usable(trials)):  # nothing to select from: the tables say so
@@ -64,7 +63,7 @@ def usable(trials: pd.DataFrame) -> pd.DataFrame:
 
 def _has_metrics(frame: pd.DataFrame) -> bool:
     return any(m in frame.columns and frame[m].notna().any()
-               for m in (*SELECTIONS, C.TEST_LOSS, C.VAL_LOSS))
+               for m in (*selection.SELECTIONS, C.TEST_LOSS))
 
 
 def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
@@ -87,7 +86,7 @@ def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
 def _pick(settings: pd.DataFrame, by: list[str], select: str) -> pd.DataFrame:
     """Best row of each group (max or min score); groups whose every score is NaN keep their
     first row with NaN best so that they are still listed."""
-    ascending = SELECTIONS[select] == "min"
+    ascending = selection.mode(select) == "min"
     ordered = settings.sort_values(by + ["score", "lr"], ascending=[True] * len(by) + [
         ascending, True], na_position="last", kind="mergesort")
     return ordered.groupby(by, dropna=False, sort=True).head(1).reset_index(drop=True)
@@ -116,7 +115,7 @@ def best_lr_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
     best = with_edge(best, trials, "best_lr")
     cols = groups + ["best_lr", EDGE] + keys_in(best, REPORTED) + ["n_seeds", "n_lr",
                                                                    "n_diverged"]
-    rule = f"{SELECTIONS[select]} final {select}"
+    rule = selection.describe(select)
     return Table("best_lr", f"Best learning rate per setting (selected by {rule})",
                  drop_redundant_arm(accuracy_in_percent(best[cols])),
                  "Seed means at the selected LR (a setting where any seed diverged is never "

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(study: str, tracking_uri: str | None, results=None, select="val_accuracy",
+def _report(study: str, tracking_uri: str | None, results=None, select=None,
             parent_run_id: str | None = None):
+    """The report; ``select`` None: the selection of the spec the sweep logged."""
     from analysis.report import make_report
 
     return make_report(study, tracking_uri=tracking_uri, results_dir=results, select=select,
@@ -91,8 +92,7 @@ def _sweep(args) -> int:
         return 0
     started = time.monotonic()
     try:
-        out = _report(result.name, result.tracking_uri, parent_run_id=result.parent_run_id,
-                      select=_selection(spec.search.metric))
+        out = _report(result.name, result.tracking_uri, parent_run_id=result.parent_run_id)
     except KeyboardInterrupt:
         print(f"error: interrupted during the report; the sweep itself is complete: "
               f"make report STUDY={result.name}", file=sys.stderr)
@@ -129,13 +129,6 @@ def _print_families(plugins: list[str]) -> None:
         print(f"{name}: variants {', '.join(cls.variants)} (default {cls.variants[0]})")
         for option, text in describe(cls.Options).items():
             print(f"    {option} = {text}")
-
-
-def _selection(metric: str) -> str:
-    """The report picks best settings by the study's own metric where it can."""
-    from analysis.tables import SELECTIONS
-
-    return metric if metric in SELECTIONS else "val_accuracy"
 
 
 def _print_best(report_dir) -> None:

@@ -111,6 +111,25 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _selection_is_logged(self):
+        """search.select must name a split the study has and an epoch that is evaluated."""
+        select = self.search.select
+        if select is None:
+            return self
+        if select.metric in contract.VALIDATION_METRICS and self.dataset.val_fraction == 0:
+            raise Problem(f"needs a validation split, but dataset.val_fraction is 0 (got "
+                          f"{select.metric!r})", "search.select.metric")
+        epoch, every = select.epoch, self.evaluate.every
+        if epoch is not None and epoch > self.epochs:
+            raise Problem(f"after the last epoch ({self.epochs}) (got {epoch})",
+                          "search.select.epoch")
+        if epoch is not None and epoch % every and epoch != self.epochs:
+            raise Problem(f"not an evaluated epoch: evaluate.every is {every}, so the metric "
+                          f"is logged at epochs {every}, {2 * every}, ... and {self.epochs} "
+                          f"(got {epoch})", "search.select.epoch")
+        return self
+
+    @model_validator(mode="after")
     def _lr_for_every_family(self):
         if self.lr is None:
             for name, fam in self.families.items():

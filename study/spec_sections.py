@@ -183,6 +183,27 @@ class FamilySpec(Strict):
         return n
 
 
+class SelectSpec(Strict):
+    """How the report picks each family's tuned setting: the best seed-mean ``metric`` (a loss:
+    the lowest; an accuracy: the highest) at ``epoch`` (default: the trial's last). sngrad's
+    protocol: ``{metric: train_loss, epoch: 2}``."""
+
+    metric: str
+    epoch: PositiveInt | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _selectable(cls, v):
+        if v.startswith("test_"):
+            raise Problem(f"selecting on {v!r} would let test data choose the setting; use a "
+                          "train_ or val_ metric")
+        return _one_of(v, [m for m in contract.SELECTION_MODES if not m.startswith("test_")],
+                       "selection metric")
+
+    def key(self) -> str:
+        return contract.selection_key(self.metric, self.epoch)
+
+
 class SearchSpec(Strict):
     kind: Literal["grid", "optuna"] = "grid"
     num_samples: PositiveInt = 20
@@ -191,6 +212,7 @@ class SearchSpec(Strict):
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     max_trials: PositiveInt = 10_000          # refuse studies with more trials than this
+    select: SelectSpec | None = None          # what picks the tuned setting in the report
 
     @field_validator("metric")
     @classmethod

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import stats, tables
+from analysis import selection, stats, tables
 from analysis.load import load_tune
 from analysis.writer import Table, to_latex, to_markdown, write_table
 from study import contract as C
@@ -320,3 +320,48 @@ def test_noise_scale_at_the_probe_cap_is_a_bound_not_a_measurement():
     uncapped = _row(tables.critical_batch_table(synthetic_trials(), synthetic_metrics()).frame,
                     family="sgd")
     assert uncapped["b_simple_median_tuned"] == 35.0 and uncapped["n_at_cap_tuned"] == 0
+
+
+def _loss_histories(curves: dict[str, list[float]], steps_per_epoch: int = 10) -> pd.DataFrame:
+    """train_loss and epoch logged at each epoch's last step, as trials log them."""
+    rows = []
+    for run_id, losses in curves.items():
+        for epoch, loss in enumerate(losses, start=1):
+            step = epoch * steps_per_epoch
+            rows += [(run_id, C.EPOCH, step, float(epoch)), (run_id, C.TRAIN_LOSS, step, loss)]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def test_selection_at_an_epoch_picks_the_lr_sngrad_would_where_the_final_loss_differs():
+    """lr 0.01 ends lowest (0.2 vs 0.4) but lr 0.1 leads after 2 epochs (0.8 vs 1.5): sngrad's
+    rule (lowest training loss after 2 epochs) picks 0.1, the final loss 0.01. A run stopped
+    before epoch 2 has no value there and is never picked."""
+    curves = {"s1": [2.0, 1.5, 0.2], "s2": [2.1, 1.4, 0.2], "s3": [1.2, 0.8, 0.4],
+              "s4": [1.1, 0.9, 0.4], "s5": [0.3]}
+    trials = pd.DataFrame([
+        _trial(r, "sgd", lr, seed, 0.5, 0.5, curve[-1], status)
+        for (r, curve), (lr, seed, status) in zip(curves.items(), [
+            (0.01, 0, "finished"), (0.01, 1, "finished"), (0.1, 0, "finished"),
+            (0.1, 1, "finished"), (1.0, 0, C.STOPPED)])])
+    metrics = _loss_histories(curves)
+    final = tables.best_lr_table(trials, C.TRAIN_LOSS)
+    assert _row(final.frame, family="sgd")["best_lr"] == 0.01
+    at_two = selection.with_selection_column(trials, metrics, "train_loss@2")
+    assert at_two.set_index("run_id")["train_loss@2"].to_dict() == pytest.approx(
+        {"s1": 1.5, "s2": 1.4, "s3": 0.8, "s4": 0.9, "s5": NAN}, nan_ok=True)
+    table = tables.best_lr_table(at_two, "train_loss@2")
+    assert _row(table.frame, family="sgd")["best_lr"] == 0.1
+    assert "min train_loss at epoch 2" in table.title
+    best = tables.best_settings(at_two, "train_loss@2")
+    assert best.iloc[0]["score"] == pytest.approx(0.85)
+
+
+def test_the_selection_comes_from_the_spec_and_bad_names_are_refused():
+    spec = "search: {metric: train_loss, mode: min, select: {metric: train_loss, epoch: 2}}"
+    assert selection.of_spec(spec) == "train_loss@2"
+    assert selection.of_spec("search: {metric: train_loss, mode: min}") == "train_loss"
+    assert selection.of_spec("search: {metric: grad_evals}") == "val_accuracy"
+    assert selection.of_spec(None) == "val_accuracy"
+    assert selection.describe("val_accuracy") == "max final val_accuracy"
+    with pytest.raises(ValueError, match="select='grad_evals@2'"):
+        selection.mode("grad_evals@2")
