@@ -166,3 +166,29 @@ def test_stopped_trials_are_results_interrupted_and_running_ones_are_not(tmp_pat
     assert at_128["n_lr"].tolist() == [2]  # the running trial's LR is not in the grid
     note = _parent(uri, trials).data.tags[C.TAG_NOTE]
     assert "8 stopped" in note and "4 interrupted" in note and "1 running" in note
+
+
+def test_the_report_selects_as_the_logged_spec_says_at_an_epoch(tmp_path):
+    """A sweep whose spec selects by train_loss after 2 epochs (sngrad): the report reads that
+    from the parent run's spec and each tuned LR is the lowest epoch-2 loss of its grid."""
+    spec = "search: {metric: train_loss, mode: min, select: {metric: train_loss, epoch: 2}}\n"
+    uri = store.build_store(tmp_path, with_hist=False, spec_text=spec)
+    out = make_report(store.STUDY, tracking_uri=uri, out_dir=tmp_path / "report")
+    assert "Best LR selected by `min train_loss at epoch 2`" in (out / "index.md").read_text()
+    best_lr = pd.read_csv(out / "tables" / "best_lr.csv")
+    assert "min train_loss at epoch 2" in (out / "tables" / "best_lr.md").read_text()
+    trials, metrics = load_mlflow(store.STUDY, uri)
+    epochs = metrics[(metrics["key"] == C.EPOCH) & (metrics["value"] == 2)]
+    loss = metrics[metrics["key"] == C.TRAIN_LOSS].merge(epochs[["run_id", "step"]])
+    at_two = trials.merge(loss[["run_id", "value"]], on="run_id")
+    at_two = at_two[at_two["status"] == C.FINISHED]
+    checked = 0
+    for keys, part in at_two.groupby(["model", "family", "batch_size"]):
+        means = part.groupby("lr")["value"].mean()
+        if part.groupby("lr")["status"].size().min() < part["seed"].nunique():
+            continue   # an LR with a diverged or errored seed: not comparable here
+        row = best_lr[(best_lr["model"] == keys[0]) & (best_lr["family"] == keys[1])
+                      & (best_lr["batch_size"] == keys[2])]
+        assert row["best_lr"].iloc[0] == means.idxmin(), keys
+        checked += 1
+    assert checked >= 8
