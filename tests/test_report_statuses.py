@@ -181,12 +181,13 @@ def test_the_report_selects_as_the_logged_spec_says_at_an_epoch(tmp_path):
     epochs = metrics[(metrics["key"] == C.EPOCH) & (metrics["value"] == 2)]
     loss = metrics[metrics["key"] == C.TRAIN_LOSS].merge(epochs[["run_id", "step"]])
     at_two = trials.merge(loss[["run_id", "value"]], on="run_id")
-    at_two = at_two[at_two["status"] == C.FINISHED]
+    unfinished = {tuple(k) for k in trials.loc[trials["status"] != C.FINISHED,
+                                                ["model", "family", "batch_size"]].to_numpy()}
     checked = 0
     for keys, part in at_two.groupby(["model", "family", "batch_size"]):
+        if keys in unfinished:
+            continue   # a grid with a diverged or errored trial: checked by other tests
         means = part.groupby("lr")["value"].mean()
-        if part.groupby("lr")["status"].size().min() < part["seed"].nunique():
-            continue   # an LR with a diverged or errored seed: not comparable here
         row = best_lr[(best_lr["model"] == keys[0]) & (best_lr["family"] == keys[1])
                       & (best_lr["batch_size"] == keys[2])]
         assert row["best_lr"].iloc[0] == means.idxmin(), keys
