@@ -64,7 +64,7 @@ def estimator_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -
             plain_log_ticks(ax)
             ax.set_xlabel("iteration")
             ax.set_ylabel(f"{title} (log scale)")
-            name = arm_label(row["family"], arm_suffix(row["arm"]))  # the variant too
+            name = arm_label(row["family"], arm_suffix(row.get("arm", "default")))  # variant
             ax.set_title(f"{row['model']} {name} lr={row['lr']:.3g} "
                          f"B={int(row['batch_size'])}: one trajectory", fontsize=9)
             ax.legend(fontsize=7)

@@ -26,10 +26,10 @@ from study.config import TrialConfig
 from study.optim.options import OptionError, parse_options
 from study.plugins import import_plugin
 from study.plugins import resolve as resolve_plugin
+from study.spec_claims import ClaimSpec
 from study.spec_sections import (  # DatasetSpec is re-exported: callers import it from here
     INPUT_SHAPES,
     CheckpointSpec,
-    ClaimSpec,
     DatasetSpec,
     EvaluateSpec,
     FamilySpec,
