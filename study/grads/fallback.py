@@ -1,12 +1,19 @@
-"""Any other module with parameters (GroupNorm/LayerNorm affine, embeddings, custom layers):
-per-example gradients of that module alone with torch.func.
+"""Any other module with parameters (custom layers, modules with several inputs such as
+``nn.Bilinear``): per-example gradients of that module alone with torch.func.
 
-Given the module's input a_n and the gradient g_n of the loss with respect to its output
-(both recorded during the engine's single forward+backward), the per-example parameter
-gradient is the vector-Jacobian product of ``module(a_n)`` with g_n. ``vmap(grad(...))``
-computes all of them at once by re-running only this module's forward and backward, so the
-rest of the network is never differentiated per example. The module must map one input
-tensor to one output tensor independently per example (no BatchNorm in train mode).
+Given the module's inputs (all of them, positional and keyword, recorded during the
+engine's single forward) and the gradient g_n of the loss with respect to its output, the
+per-example parameter gradient is the vector-Jacobian product of ``module(inputs_n)`` with
+g_n. ``vmap(grad(...))`` computes all of them at once by re-running only this module's
+forward and backward, so the rest of the network is never differentiated per example: the
+cost is what torch.func alone spends on this module, never the whole model. Tensor inputs
+whose first dimension is the batch are split per example; other inputs (and non-tensors)
+are passed whole to every example. The per-example gradients are materialized a chunk of
+the batch at a time (``layer.MATERIALIZE_BUDGET``) and squared in place.
+
+The module must return one tensor and treat examples independently (no BatchNorm in train
+mode). Layers with a closed form (Linear, Conv, GroupNorm, LayerNorm, Embedding) never come
+here: see ``layer_types.LAYERS``.
 """
 from __future__ import annotations
 
@@ -14,21 +21,46 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from study.grads.layer import LayerStats, record_materialized
+from study.grads.layer import LayerStats, batch_chunks, record_parts
 
 
 def fallback_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
-                   wanted: list[torch.Tensor], norms: bool,
-                   second_moment: bool = True) -> LayerStats:
+                   wanted: list[torch.Tensor], norms: bool, second_moment: bool = True,
+                   inputs: tuple | None = None, kwargs: dict | None = None) -> LayerStats:
+    """``inputs``/``kwargs``: every input of the module's forward (default: ``(a,)``)."""
+    inputs = (a,) if inputs is None else tuple(inputs)
+    kwargs = dict(kwargs or {})
+    batch = g.shape[0]
     names = {p: n for n, p in module.named_parameters(recurse=False)}
     chosen = {names[p]: p.detach() for p in wanted}
+    split_args = [i for i, t in enumerate(inputs) if _per_example(t, batch)]
+    split_kwargs = [k for k, t in kwargs.items() if _per_example(t, batch)]
+    if not split_args and not split_kwargs:
+        raise NotImplementedError(f"batch_stats: {type(module).__name__} has no input with "
+                                  f"the batch ({batch}) as first dimension; cannot split its "
+                                  "gradient per example")
 
-    def contribution(params, a_n, g_n):
-        out = functional_call(module, params, (a_n.unsqueeze(0),))
+    def contribution(params, args_n, kwargs_n, g_n):
+        args, kw = list(inputs), dict(kwargs)
+        for i, t in zip(split_args, args_n):
+            args[i] = t.unsqueeze(0)
+        for k, t in zip(split_kwargs, kwargs_n):
+            kw[k] = t.unsqueeze(0)
+        out = functional_call(module, params, tuple(args), kw)
         return (out * g_n.unsqueeze(0)).sum()
 
-    per_example = vmap(grad(contribution), in_dims=(None, 0, 0))(chosen, a, g)
+    per_example = vmap(grad(contribution), in_dims=(None, 0, 0, 0))
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
+    for sl in batch_chunks(batch, sum(p.numel() for p in chosen.values())):
+        got = per_example(chosen, [inputs[i][sl] for i in split_args],
+                          [kwargs[k][sl] for k in split_kwargs], g[sl])
+        for name in chosen:
+            parts[name].append(got[name].contiguous().view(sl.stop - sl.start, -1))
     out = LayerStats()
     for name, p in zip(chosen, wanted):
-        record_materialized(out, p, per_example[name], norms, second_moment)
+        record_parts(out, p, parts[name], norms, second_moment, inplace=True)
     return out
+
+
+def _per_example(value, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch

@@ -9,8 +9,10 @@ weight-gradient sum therefore costs what the plain backward would have spent on 
 the statistics add only their own products (Linear: one more matmul of the weight's size).
 
 Handlers, one module per layer type (BackPACK style), looked up in ``layer_types.LAYERS``:
-``linear`` (factorized), ``conv`` (unfold + batched matmul), ``norm`` (GroupNorm, closed
-form), ``fallback`` (torch.func on that module alone: LayerNorm, embeddings, custom layers).
+``linear`` (factorized), ``conv`` (unfold + batched matmul, any padding mode), ``norm``
+(GroupNorm and LayerNorm, closed form), ``embedding`` (coalesced rows, never a dense
+vocabulary-sized gradient per example), ``fallback`` (torch.func on that module alone, with
+all its inputs: custom layers, ``nn.Bilinear``).
 Examples must be independent through the network (no train-mode BatchNorm), and each
 parameterized module must run once per forward (no weight sharing across calls).
 """
@@ -94,6 +96,9 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
             handler = kinds[m].stats
             if m in saved:
                 handler = partial(handler, saved=saved[m])
+            if kinds[m].all_inputs:
+                handler = partial(handler, inputs=cap.records[m].inputs,
+                                  kwargs=cap.records[m].kwargs)
             layer = handler(m, cap.records[m].a, g, owners[m], norms, second_moment)
             for p in owners[m]:
                 results[p] = (layer.sums[p], layer.sum_sqs.get(p))
