@@ -8,10 +8,12 @@ issue measured them on (an Embedding + LayerNorm text model, a reflect-padded co
 Each peer is ``prepare(model) -> run(x, y) -> (sums, sum_sqs, norms_sq)`` so that the
 benchmark times only ``run``; ``prepare`` raises ``Unsupported`` (or the peer's own
 error, which ``run_peer`` turns into ``Unsupported``) where the peer has no rule for a
-layer. Parameters come in ``model.parameters()`` order.
+layer. Parameters come in ``model.parameters()`` order. BackPACK and Opacus work on a copy
+of the model (both leave hooks on the model they are given).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -59,7 +61,7 @@ def backpack(model: nn.Module):
     from backpack.extensions import BatchL2Grad, SumGradSquared
 
     try:
-        model = bp.extend(model)
+        model = bp.extend(copy.deepcopy(model))     # BackPACK hooks the model it extends
     except NotImplementedError as e:
         raise Unsupported(str(e)) from e
     loss_fn = bp.extend(nn.CrossEntropyLoss(reduction="sum"))
@@ -89,6 +91,7 @@ def opacus(model: nn.Module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            model = copy.deepcopy(model)              # Opacus hooks the model it wraps
             wrapped = gsm_mod.GradSampleModule(model, loss_reduction="sum")
         except NotImplementedError as e:
             raise Unsupported(str(e)) from e
@@ -167,24 +170,21 @@ class BilinearModel(nn.Module):
 
 
 def extra_models(batch: int, small: bool = False):
-    """name -> (make model, make input (x, y)); ``small`` for the float64 tests."""
+    """name -> (make model, make (x, y)); ``small`` for the float64 tests."""
     vocab, length = (50, 6) if small else (1000, 32)
 
-    def ids():
-        return torch.randint(0, vocab, (batch, length))
+    def labels():
+        return torch.randint(0, 10, (batch,))
 
-    def image(*shape):
-        return lambda: torch.randn(batch, *shape)
-
-    def labels(classes=10):
-        return torch.randint(0, classes, (batch,))
+    def floats(*shape):
+        return lambda: (torch.randn(batch, *shape), labels())
 
     return {
-        "text-emb-ln": (lambda: TextModel(vocab, 16 if small else 64), lambda: (ids(), labels())),
+        "text-emb-ln": (lambda: TextModel(vocab, 16 if small else 64),
+                        lambda: (torch.randint(0, vocab, (batch, length)), labels())),
         "reflect-conv": (lambda: reflect_conv((4, 6) if small else (16, 32)),
-                         lambda: (image(3, 8, 8)() if small else image(3, 32, 32)(), labels())),
-        "bilinear": (lambda: BilinearModel(6 if small else 20, 8 if small else 32),
-                     lambda: (image(12 if small else 40)(), labels())),
-        "mnist1d-cnn": (lambda: CNN1d(1, 40, [8, 8, 8] if small else [32, 32, 32], 10),
-                        lambda: (image(1, 40)(), labels())),
+                         floats(3, *((8, 8) if small else (32, 32)))),
+        "bilinear": (lambda: BilinearModel(*((6, 8) if small else (20, 32))),
+                     floats(12 if small else 40)),
+        "mnist1d-cnn": (lambda: CNN1d(1, 40, [8] * 3 if small else [25] * 3, 10), floats(1, 40)),
     }

@@ -18,7 +18,7 @@ from study.grads.conv import conv_stats
 from study.grads.embedding import embedding_stats
 from study.grads.fallback import fallback_stats
 from study.grads.layer import LayerStats
-from study.grads.linear import linear_stats
+from study.grads.linear import bilinear_stats, linear_stats
 from study.grads.norm import groupnorm_stats, layernorm_stats, saved_layernorm, saved_statistics
 from study.grads.patches import conv_inputs, conv_output_grads, linear_inputs, linear_output_grads
 
@@ -51,6 +51,7 @@ LAYERS: dict[type[nn.Module], LayerKind] = {
     nn.GroupNorm: LayerKind(groupnorm_stats, forward_saved=saved_statistics),
     nn.LayerNorm: LayerKind(layernorm_stats, forward_saved=saved_layernorm),
     nn.Embedding: LayerKind(embedding_stats),
+    nn.Bilinear: LayerKind(bilinear_stats, all_inputs=True),
 }
 FALLBACK = LayerKind(fallback_stats, all_inputs=True)
 """Any other module with parameters: torch.func on that module alone, with all its inputs."""
