@@ -4,22 +4,24 @@
 Given the module's inputs (all of them, positional and keyword, recorded during the
 engine's single forward) and the gradient g_n of the loss with respect to its output, the
 per-example parameter gradient is the vector-Jacobian product of ``module(inputs_n)`` with
-g_n. ``vmap(grad(...))`` computes all of them at once by re-running only this module's
-forward and backward, so the rest of the network is never differentiated per example: the
-cost is what torch.func alone spends on this module, never the whole model. Tensor inputs
-whose first dimension is the batch are split per example; other inputs (and non-tensors)
-are passed whole to every example. The per-example gradients are materialized a chunk of
-the batch at a time (``layer.MATERIALIZE_BUDGET``) and squared in place.
+g_n. ``vmap(vjp(...))`` computes all of them at once by re-running only this module's
+forward and its backward to the parameters (the pullback of g_n itself: ``grad`` of
+``(out * g_n).sum()`` would add a product with g_n and its backward, 15% of the time on a
+conv), so the rest of the network is never differentiated per example. The cost above the
+plain step is torch.func's on this module alone plus one forward of it. Tensor inputs whose
+first dimension is the batch are split per example; other inputs (and non-tensors) are
+passed whole to every example. The per-example gradients are materialized a chunk of the
+batch at a time (``layer.MATERIALIZE_BUDGET``) and squared in place.
 
 The module must return one tensor and treat examples independently (no BatchNorm in train
-mode). Layers with a closed form (Linear, Conv, GroupNorm, LayerNorm, Embedding) never come
-here: see ``layer_types.LAYERS``.
+mode). Layers with a closed form (Linear, Bilinear, Conv, GroupNorm, LayerNorm, Embedding) never
+come here: see ``layer_types.LAYERS``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vjp, vmap
 
 from study.grads.layer import LayerStats, batch_chunks, record_parts
 
@@ -40,16 +42,16 @@ def fallback_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
                                   f"the batch ({batch}) as first dimension; cannot split its "
                                   "gradient per example")
 
-    def contribution(params, args_n, kwargs_n, g_n):
+    def one_example(params, args_n, kwargs_n, g_n):
         args, kw = list(inputs), dict(kwargs)
         for i, t in zip(split_args, args_n):
             args[i] = t.unsqueeze(0)
         for k, t in zip(split_kwargs, kwargs_n):
             kw[k] = t.unsqueeze(0)
-        out = functional_call(module, params, tuple(args), kw)
-        return (out * g_n.unsqueeze(0)).sum()
+        _, pullback = vjp(lambda p: functional_call(module, p, tuple(args), kw), params)
+        return pullback(g_n.unsqueeze(0))[0]
 
-    per_example = vmap(grad(contribution), in_dims=(None, 0, 0, 0))
+    per_example = vmap(one_example, in_dims=(None, 0, 0, 0))
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
     for sl in batch_chunks(batch, sum(p.numel() for p in chosen.values())):
         got = per_example(chosen, [inputs[i][sl] for i in split_args],
