@@ -151,9 +151,12 @@ B×P gradients) get their own groups so they do not disturb the cache and alloca
 the others."""
 
 
-def measure(fns: dict, repeats: int, sync, sample_s: float = 0.05) -> dict[str, float]:
+def measure(fns: dict, repeats: int, sync, sample_s: float = 0.05,
+            clock=time.perf_counter) -> dict[str, float]:
     """Median over repeats of (method time / plain time in the same repeat), per group.
-    Each sample repeats a call enough times to last about ``sample_s``."""
+    Each sample repeats a call enough times to last about ``sample_s``. ``clock``:
+    ``time.process_time`` counts this process's CPU time only (steadier on a shared
+    machine; CPU only, and it sums over threads)."""
     ratios: dict[str, float] = {}
     for group in GROUPS:
         group = tuple(n for n in group if n in fns)
@@ -163,20 +166,20 @@ def measure(fns: dict, repeats: int, sync, sample_s: float = 0.05) -> dict[str, 
         for n in group:
             fns[n]()
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
             sync()
-            calls[n] = max(1, int(sample_s / max(time.perf_counter() - t0, 1e-6)))
+            calls[n] = max(1, int(sample_s / max(clock() - t0, 1e-6)))
         times: dict[str, list[float]] = {n: [] for n in group}
         for r in range(repeats):
             order = group[r % len(group):] + group[:r % len(group)]
             for n in order:
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(calls[n]):
                     fns[n]()
                 sync()
-                times[n].append((time.perf_counter() - t0) / calls[n])
+                times[n].append((clock() - t0) / calls[n])
         for n in group[1:]:
             ratios[n] = statistics.median(t / p for t, p in zip(times[n], times["plain"]))
         if group[1] == "sgd":
@@ -234,6 +237,8 @@ def main(argv=None):
     names = list(setups(1))
     ap.add_argument("--models", nargs="+", default=names, choices=names)
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (steadier beside other jobs)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")       # the peers' deprecation and fallback notes
@@ -242,7 +247,8 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     scale_loop = args.batch / args.loop_examples
     print(f"per-example statistics, batch {args.batch}, {args.device}, {args.threads} threads, "
-          f"median of {args.repeats} interleaved repeats; ratio to plain forward+backward; "
+          f"{args.clock} clock, median of {args.repeats} interleaved repeats; ratio to plain "
+          f"forward+backward; "
           f"loop = {args.loop_examples} examples extrapolated x{scale_loop:g}; err vs a "
           f"float64 loop on {args.check_batch} examples (relative to the largest entry)")
     cols = ["sgd", "snr", "wt", "sum", "+norms", "stats", "floor", "target", "torch.func",
@@ -256,7 +262,8 @@ def main(argv=None):
         model = make().to(device)
         x, y = (t.to(device) for t in data())
         plain_macs, stats_macs = flop_floor(model, x)
-        r = measure(methods(model, x, y, args.loop_examples, args.peers), args.repeats, sync)
+        r = measure(methods(model, x, y, args.loop_examples, args.peers), args.repeats, sync,
+                    clock=time.process_time if args.clock == "cpu" else time.perf_counter)
         r["loop"] *= scale_loop
         r["floor"] = stats_macs / plain_macs if plain_macs else None
         r["target"] = TARGETS.get(name)
