@@ -29,13 +29,19 @@ def linear_stats(module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
     g = g.reshape(batch, -1, g.shape[-1])      # (B, T, O)
     if a.shape[1] == 1:
         _flat(out, module.weight, module.bias, a[:, 0], g[:, 0], wanted, norms, second_moment)
-        return out
-    if wants(wanted, module.weight):
-        positions_stats(out, module.weight, g.transpose(1, 2), a.transpose(1, 2), norms,
-                        second_moment)
-    if wants(wanted, module.bias):
-        record_materialized(out, module.bias, g.sum(1), norms, second_moment)
+    else:
+        _positions(out, module.weight, module.bias, a, g, wanted, norms, second_moment)
     return out
+
+
+def _positions(out: LayerStats, weight: torch.Tensor, bias: torch.Tensor | None,
+               a: torch.Tensor, g: torch.Tensor, wanted: list[torch.Tensor], norms: bool,
+               second_moment: bool) -> None:
+    """a (B, T, K), g (B, T, O): the per-example gradient sums T outer products."""
+    if wants(wanted, weight):
+        positions_stats(out, weight, g.transpose(1, 2), a.transpose(1, 2), norms, second_moment)
+    if wants(wanted, bias):
+        record_materialized(out, bias, g.sum(1), norms, second_moment)
 
 
 def bilinear_stats(module: nn.Bilinear, a: torch.Tensor, g: torch.Tensor,
@@ -50,12 +56,8 @@ def bilinear_stats(module: nn.Bilinear, a: torch.Tensor, g: torch.Tensor,
     if outer.shape[1] == 1:
         _flat(out, module.weight, module.bias, outer[:, 0], g[:, 0], wanted, norms,
               second_moment, factors=(x1.reshape(batch, -1), x2.reshape(batch, -1)))
-        return out
-    if wants(wanted, module.weight):
-        positions_stats(out, module.weight, g.transpose(1, 2), outer.transpose(1, 2), norms,
-                        second_moment)
-    if wants(wanted, module.bias):
-        record_materialized(out, module.bias, g.sum(1), norms, second_moment)
+    else:
+        _positions(out, module.weight, module.bias, outer, g, wanted, norms, second_moment)
     return out
 
 

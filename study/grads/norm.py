@@ -47,15 +47,19 @@ def groupnorm_stats(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor,
 def saved_statistics(module: nn.GroupNorm, output: torch.Tensor | None, batch: int):
     """(mean, rstd), each (B, groups), saved by the forward's NativeGroupNormBackward0;
     None when unavailable. Must be called before the backward pass frees them."""
-    groups = module.num_groups
+    return _saved_mean_rstd(output, "NativeGroupNormBackward0", (batch, module.num_groups))
+
+
+def _saved_mean_rstd(output: torch.Tensor | None, node_name: str, shape: tuple[int, ...]):
+    """The forward node's saved (mean, rstd) in the output's dtype, if both have ``shape``."""
     node = getattr(output, "grad_fn", None)
-    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+    if node is None or type(node).__name__ != node_name:
         return None
     try:
         mean, rstd = node._saved_result1, node._saved_result2
     except (AttributeError, RuntimeError):
         return None
-    if mean.shape != (batch, groups) or rstd.shape != (batch, groups):
+    if mean.shape != shape or rstd.shape != shape:
         return None
     return mean.to(output.dtype), rstd.to(output.dtype)
 
@@ -83,15 +87,8 @@ def layernorm_stats(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor,
 def saved_layernorm(module: nn.LayerNorm, output: torch.Tensor | None, batch: int):
     """(mean, rstd) saved by the forward's NativeLayerNormBackward0, shaped to broadcast
     against the input; None when unavailable. Call before the backward frees them."""
-    node = getattr(output, "grad_fn", None)
-    if node is None or type(node).__name__ != "NativeLayerNormBackward0":
+    if output is None or output.shape[0] != batch:
         return None
-    try:
-        mean, rstd = node._saved_result1, node._saved_result2
-    except (AttributeError, RuntimeError):
-        return None
-    expected = (*output.shape[:output.dim() - len(module.normalized_shape)],
-                *(1,) * len(module.normalized_shape))
-    if mean.shape != expected or rstd.shape != expected or output.shape[0] != batch:
-        return None
-    return mean.to(output.dtype), rstd.to(output.dtype)
+    kept = output.dim() - len(module.normalized_shape)
+    shape = (*output.shape[:kept], *(1,) * len(module.normalized_shape))
+    return _saved_mean_rstd(output, "NativeLayerNormBackward0", shape)
