@@ -196,10 +196,43 @@ class Unbatched(nn.Module):
 
 
 def test_unsupported_modules_are_named():
-    pair = Pair()
+    pair = nn.Sequential(nn.Linear(3, 3), Pair())
     with pytest.raises(NotImplementedError, match="Pair returns tuple"):
         batch_stats(pair, lambda out, y: out[0].sum(1), (torch.randn(4, 3), torch.zeros(4)))
     m = Unbatched()
     a, g = torch.randn(3), torch.randn(3)       # no batch dimension anywhere
     with pytest.raises(NotImplementedError, match="Unbatched has no input with the batch"):
         fallback_stats(m, a, g.expand(4, 3), [m.w], True)
+
+
+class Affine(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+        self.b = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w + self.b
+
+
+class Dense(nn.Module):
+    def __init__(self, d, o):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(o, d))
+
+    def forward(self, x):
+        return x @ self.w.t()
+
+
+def test_only_custom_layers_run_torch_func_over_the_whole_model(monkeypatch):
+    from study.grads import stats
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Affine(6), nn.Tanh(), Dense(6, 10)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 10, (5,))
+    expected = loop_truth(model, x, y)
+    monkeypatch.setattr(stats, "capture", None)       # the engine's own pass is not used
+    got = batch_stats(model, ce, (x, y))
+    assert worst(got, expected) < TOL
+    mean = batch_stats(model, lambda out, t: ce(out, t).mean(), (x, y), reduction="mean")
+    assert worst(mean, expected) < TOL and mean.loss == pytest.approx(got.loss)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from study.grads.layer import LayerStats, batch_chunks, record_parts
 
@@ -66,3 +66,34 @@ def fallback_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
 
 def _per_example(value, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def whole_model_stats(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                      params: list[torch.Tensor], norms: bool, second_moment: bool):
+    """When no parameterized module has a closed form, torch.func over the whole model
+    (``vmap(grad)`` of each example's loss) is cheaper than the engine's forward + backward
+    followed by each module's own ``vmap(vjp)`` (which re-runs every module's forward): this
+    is exactly torch.func alone, chunked over the batch. Returns (mean loss, sums, sum_sqs,
+    norms_sq) in the order of ``params``."""
+    names = {p: n for n, p in model.named_parameters()}
+    chosen = {names[p]: p.detach() for p in params}
+
+    def one_loss(values, x_n, y_n):
+        # one example: per-example, mean-reduced and sum-reduced losses are all the same
+        return loss_fn(functional_call(model, values, (x_n.unsqueeze(0),)),
+                       y_n.unsqueeze(0)).sum()
+
+    per_example = vmap(grad_and_value(one_loss), in_dims=(None, 0, 0))
+    batch = x.shape[0]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
+    losses = []
+    for sl in batch_chunks(batch, sum(p.numel() for p in params)):
+        grads, values = per_example(chosen, x[sl], y[sl])
+        losses.append(values.detach())
+        for name in chosen:
+            parts[name].append(grads[name].contiguous().view(sl.stop - sl.start, -1))
+    out = LayerStats()
+    for name, p in zip(chosen, params):
+        record_parts(out, p, parts[name], norms, second_moment, inplace=True)
+    return (float(torch.cat(losses).mean()), [out.sums[p] for p in params],
+            [out.sum_sqs[p] for p in params] if second_moment else None, out.norms_sq)
