@@ -10,6 +10,8 @@ figure is the median of the per-repeat ratios. Methods:
 - stats: ``study.grads.batch_stats`` (sum, elementwise second moment, per-example norms);
   sum: the same engine asked for the sum only (its own overhead: hooks, the backward to the
   layer outputs, the weight-gradient products), +norms: sum and norms, no second moment;
+  fallback: ``stats`` with every module but nn.Linear forced through the generic torch.func
+  fallback (``study/grads/fallback.py``), as the issue measured it;
 - torch.func: ``vmap(grad(...))`` over the whole model, then the three reductions;
 - backpack: BackPACK ``SumGradSquared`` + ``BatchL2Grad`` beside the gradient (its
   cheapest route to the same three quantities); opacus: Opacus ``GradSampleModule``
@@ -43,6 +45,7 @@ outputs, the handlers' Python; ``+norms`` adds the squares g∘g, a∘a and thei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -61,6 +64,8 @@ from reference import per_example_grads  # noqa: E402
 
 from study.data import Batch  # noqa: E402
 from study.grads import batch_stats  # noqa: E402
+from study.grads import stats as engine  # noqa: E402
+from study.grads.layer_types import FALLBACK  # noqa: E402
 from study.models import MLP, LeNet, ResNet8  # noqa: E402
 from study.optim import make_optimizer  # noqa: E402
 
@@ -110,6 +115,19 @@ def flop_floor(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return plain, plain + extra
 
 
+@contextlib.contextmanager
+def generic_fallback():
+    """Every parameterized module but nn.Linear through the generic torch.func fallback
+    (as the issue measured the fallback before LayerNorm, Embedding, Bilinear and padded
+    convolutions had their own handlers)."""
+    real = engine.stats_kind
+    engine.stats_kind = lambda m: real(m) if isinstance(m, nn.Linear) else FALLBACK
+    try:
+        yield
+    finally:
+        engine.stats_kind = real
+
+
 def methods(model, x, y, loop_examples: int, peers: list[str]):
     params = [p for p in model.parameters() if p.requires_grad]
     batch = Batch(x, y, torch.arange(len(y), device=x.device))
@@ -123,6 +141,10 @@ def methods(model, x, y, loop_examples: int, peers: list[str]):
     def plain():
         torch.autograd.grad(ce(model(x), y).mean(), params)
 
+    def fallback():
+        with generic_fallback():
+            batch_stats(model, ce, batch)
+
     def loop():
         for i in range(loop_examples):
             torch.autograd.grad(ce(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
@@ -133,7 +155,7 @@ def methods(model, x, y, loop_examples: int, peers: list[str]):
            "stats": lambda: batch_stats(model, ce, batch),
            "sum": lambda: batch_stats(model, ce, batch, norms=False, second_moment=False),
            "+norms": lambda: batch_stats(model, ce, batch, second_moment=False),
-           "loop": loop}
+           "fallback": fallback, "loop": loop}
     for peer in peers:                      # BackPACK and Opacus hook a copy of the model
         try:
             run = PEERS[peer](model)
@@ -144,7 +166,8 @@ def methods(model, x, y, loop_examples: int, peers: list[str]):
     return fns
 
 
-GROUPS = (("plain", "sgd", "snr", "wt", "stats", "sum", "+norms"), ("plain", "torch.func"),
+GROUPS = (("plain", "sgd", "snr", "wt", "stats", "sum", "+norms"), ("plain", "fallback"),
+          ("plain", "torch.func"),
           ("plain", "backpack"), ("plain", "opacus"), ("plain", "loop"))
 """Methods timed together; the memory-hungry baselines (torch.func and Opacus materialize
 B×P gradients) get their own groups so they do not disturb the cache and allocator state of
@@ -251,8 +274,8 @@ def main(argv=None):
           f"forward+backward; "
           f"loop = {args.loop_examples} examples extrapolated x{scale_loop:g}; err vs a "
           f"float64 loop on {args.check_batch} examples (relative to the largest entry)")
-    cols = ["sgd", "snr", "wt", "sum", "+norms", "stats", "floor", "target", "torch.func",
-            "backpack", "opacus", "loop"]
+    cols = ["sgd", "snr", "wt", "sum", "+norms", "stats", "floor", "target", "fallback",
+            "torch.func", "backpack", "opacus", "loop"]
     print(f"{'model':14s} {'plain ms':>8s} " + " ".join(f"{c:>7s}" for c in cols)
           + "   err: " + " ".join(f"{c:>10s}" for c in ["stats", *args.peers]))
     results = {}
