@@ -7,7 +7,9 @@ SPACE  ?= search_spaces/default.yaml
 STUDY  ?= mnist1d_families
 PORT   ?= 5000
 
-REPRODUCE ?= mnist1d_paper faghri_variance critical_batch sngrad_table wtb_label_noise gradient_scales
+REPRODUCE ?= mnist1d_paper faghri_variance critical_batch sngrad_table sngrad_mnist \
+             sngrad_fashion_mnist sngrad_cifar10 wtb_label_noise gradient_scales
+SPACES    ?= search_spaces
 
 .PHONY: install sweep reproduce report ui test test-quick bench lint clean
 
@@ -24,12 +26,17 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)            ## run (or resume) a study: make sweep SPACE=search_spaces/x.yaml [FRESH=1]
 	$(PY) -m study sweep $(SPACE) $(if $(FRESH),--fresh)
 
-reproduce: $(STAMP)        ## every reproduction study (resumable), then their claims table
-	@for study in $(REPRODUCE); do \
+reproduce: $(STAMP)        ## the reproduction studies whose data is on disk (resumable), then their claims
+	@ran=""; for study in $(REPRODUCE); do \
+		line=$$($(PY) -m study has-data $(SPACES)/$$study.yaml); rc=$$?; \
+		if [ $$rc -eq 1 ]; then echo "$$line"; continue; fi; \
+		if [ $$rc -ne 0 ]; then exit $$rc; fi; \
 		echo "== $$study"; \
-		$(PY) -m study sweep search_spaces/$$study.yaml $(if $(FRESH),--fresh) || exit $$?; \
-	done
-	@echo; echo "== claims"; $(PY) -m study claims $(REPRODUCE)
+		$(PY) -m study sweep $(SPACES)/$$study.yaml $(if $(FRESH),--fresh) || exit $$?; \
+		ran="$$ran $$study"; \
+	done; \
+	echo; echo "== claims"; \
+	if [ -n "$$ran" ]; then $(PY) -m study claims $$ran; else echo "no study ran"; fi
 
 report: $(STAMP)           ## tables + figures for a study: make report STUDY=mnist1d_families
 	$(PY) -m study report --study $(STUDY)

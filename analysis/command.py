@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analysis.tables import SELECTIONS
-from study import contract as C
+from analysis import selection
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,12 +14,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--results", default=None, help="Ray Tune results folder (no MLflow)")
     parser.add_argument("--out", default=None, help="report folder (default reports/<study>)")
-    parser.add_argument("--select", default=C.VAL_ACCURACY, choices=sorted(SELECTIONS),
-                        help="metric that picks the best LR (train_loss: min, as sngrad)")
+    parser.add_argument("--select", default=None, type=_selection,
+                        help="what picks the tuned setting: a metric (val_accuracy, train_loss, "
+                             "...; losses: lowest) or a metric at an epoch (train_loss@2, as "
+                             "sngrad); default: the study's own (its spec's search.select, else "
+                             "search.metric)")
     parser.add_argument("--parent-run-id", default=None,
                         help="sweep to report (default the latest)")
-    parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="tuneability tolerance in accuracy units (0.01 = 1 point)")
     parser.add_argument("--target-fraction", type=float, default=0.9,
                         help="cost-to-target goal as a fraction of the best accuracy reached")
     parser.add_argument("--spec", default=None,
@@ -28,6 +28,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                              "spec, logged on its parent run)")
     parser.add_argument("--no-mlflow-log", action="store_true",
                         help="do not log the report folder to the parent run")
+
+
+def _selection(text: str) -> str:
+    try:
+        return selection.check(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def run_report(args: argparse.Namespace) -> Path:
@@ -41,7 +48,7 @@ def run_report(args: argparse.Namespace) -> Path:
         tracking_uri = "sqlite:///" + str(Path.cwd() / tracking_uri[len("sqlite:///"):])
     out = make_report(args.study, tracking_uri=tracking_uri, results_dir=args.results,
                       out_dir=args.out, select=args.select, log_to_mlflow=not args.no_mlflow_log,
-                      parent_run_id=args.parent_run_id, tolerance=args.tolerance,
+                      parent_run_id=args.parent_run_id,
                       target_fraction=args.target_fraction, spec=getattr(args, "spec", None))
     best = best_per_family(out)
     if not best.empty:

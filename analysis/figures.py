@@ -13,6 +13,12 @@ from matplotlib.colors import to_rgb
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter
 
+from analysis.figures_profiles import (
+    MIN_PROFILE_PROBLEMS,
+    performance_profiles,
+    profile_curve,
+    profile_score,
+)
 from analysis.style import (
     FAMILY_COLORS,
     PANEL_H,
@@ -20,22 +26,26 @@ from analysis.style import (
     arm_label,
     arm_styles,
     arm_suffix,
+    diverged_handle,
     family_color,
     family_order,
     legend_outside,
     legend_right,
+    mark_diverged,
     panel_grid,
     plain_log_ticks,
     problem_label,
     problems_of,
     save_png,
+    setting_style,
     skipped,
 )
 from study import contract as C
 
-__all__ = ["FAMILY_COLORS", "FigureResult", "arm_label", "arm_suffix", "family_color",
-           "grad_histograms", "learning_curves", "lr_bs_heatmaps", "lr_sensitivity",
-           "performance_profiles", "profile_curve", "profile_score", "variance_curves"]
+__all__ = ["FAMILY_COLORS", "MIN_PROFILE_PROBLEMS", "FigureResult", "arm_label", "arm_suffix",
+           "family_color", "grad_histograms", "learning_curves", "lr_bs_heatmaps",
+           "lr_sensitivity", "performance_profiles", "profile_curve", "profile_score",
+           "variance_curves"]
 
 
 def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
@@ -65,10 +75,8 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
                                 color=colour, ls=style, marker="o", ms=4, capsize=2)
                     n_series += 1
                 bad = part[part["status"] == C.DIVERGED]
-                if len(bad):
-                    y = 100 * bad[metric].fillna(0.0).clip(lower=0)
-                    ax.scatter(bad["lr"], y, marker="x", s=60, color=colour, zorder=5)
-                    n_marked += len(bad)
+                n_marked += mark_diverged(ax, bad["lr"],
+                                          100 * bad[metric].fillna(0.0).clip(lower=0), colour)
             ax.set_xscale("log")
             ax.set_title(f"{problem_label(problem)}, batch size {int(size)}", fontsize=10)
             ax.set_xlabel("learning rate (log scale)")
@@ -77,7 +85,7 @@ def lr_sensitivity(trials: pd.DataFrame, out_dir: Path,
             ax.grid(True, which="major", alpha=0.3)
     handles = [Line2D([], [], color=c, ls=s, marker="o") for c, s, _ in styles.values()]
     labels = [lab for _, _, lab in styles.values()]
-    handles.append(Line2D([], [], color="k", marker="x", ls="none"))
+    handles.append(diverged_handle())
     labels.append("diverged trial")
     legend_right(fig, handles, labels)
     fig.tight_layout()
@@ -183,12 +191,14 @@ def _seed_spread(metrics: pd.DataFrame, run_ids: list[str], x: str, y: str) -> p
 def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
     """Test accuracy and train loss per unit of work (gradient evaluations), and test accuracy
     against training seconds (``time_s``), at each family's tuned setting: seed means with a
-    ±1 std band over seeds where there are several."""
+    ±1 std band over seeds where there are several. Colour = family, line style = variant; a
+    family whose every LR diverged shows its diverged runs, ending in an x."""
     if best.empty or metrics.empty or C.GRAD_EVALS not in set(metrics["key"]):
         return skipped("no grad_evals history to plot learning curves against")
     problems = problems_of(best)
     fig, axes = panel_grid(len(problems), 3)
-    n_series = 0
+    styles = arm_styles(best)
+    n_series = n_marked = 0
     panels = ((0, C.GRAD_EVALS, C.TEST_ACCURACY, 100), (1, C.GRAD_EVALS, C.TRAIN_LOSS, 1),
               (2, C.TIME_S, C.TEST_ACCURACY, 100))
     for r, problem in enumerate(problems):
@@ -197,10 +207,14 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                 c = _seed_spread(metrics, row["run_ids"], x, y)
                 if c.empty:
                     continue
-                ax, colour = axes[r, col], family_color(row["family"])
-                ax.plot(c["x"], scale * c["mean"], color=colour, marker=".",
+                ax = axes[r, col]
+                colour, style, diverged = setting_style(styles, row)
+                ax.plot(c["x"], scale * c["mean"], color=colour, ls=style, marker=".",
                         label=_setting_label(row) + (f" ({int(c['n'].max())} seeds)"
                                                      if c["n"].max() > 1 else ""))
+                if diverged:
+                    n_marked += mark_diverged(ax, c["x"].iloc[-1:],
+                                              scale * c["mean"].iloc[-1:], colour)
                 if c["n"].max() > 1:
                     band = scale * c["std"].fillna(0)
                     ax.fill_between(c["x"], scale * c["mean"] - band, scale * c["mean"] + band,
@@ -221,29 +235,32 @@ def learning_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
         legend_outside(axes[r, 2])
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "learning_curves"), n_panels=axes.size,
-                        n_series=n_series)
+                        n_series=n_series, n_marked=n_marked)
 
 
 def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -> FigureResult:
     """Faghri et al.: variance and normalized variance of each family's step direction
-    (``var/dir_*``, solid) beside plain SGD's mini-batch gradient at the same weights
-    (``var/sgd_*``, dotted), at its tuned setting (seed means, log y), against the examples
-    seen (iteration × batch size), so that tuned settings of different batch sizes line up."""
+    (``var/dir_*``, thick with dots) beside plain SGD's mini-batch gradient at the same weights
+    (``var/sgd_*``, thin), at its tuned setting (seed means, log y), against the examples
+    seen (iteration × batch size), so that tuned settings of different batch sizes line up.
+    Colour = family, line style = variant; an x ends the curve of a setting that diverged."""
     keys = {"var": "variance", "nvar": "normalized variance"}
     dirs = {C.variance_key(C.DIRECTION, k) for k in keys}
     if best.empty or metrics.empty or not dirs & set(metrics["key"]):
         return skipped("no var/dir_var or var/dir_nvar metrics recorded")
     problems = problems_of(best)
     fig, axes = panel_grid(len(problems), 2)
-    n_series = 0
+    styles = arm_styles(best)
+    n_series = n_marked = 0
     for r, problem in enumerate(problems):
         plotted: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         xs = []
         for _, row in _family_rows(best, problem):
             wanted = [C.variance_key(e, k) for e in (C.DIRECTION, C.SGD_GRADIENT) for k in keys]
             curves = _seed_mean_curves(metrics, row["run_ids"], wanted)
+            colour, style, diverged = setting_style(styles, row)
             for ax, stat in zip(axes[r], keys):
-                for estimator, style in ((C.DIRECTION, "-"), (C.SGD_GRADIENT, ":")):
+                for estimator in (C.DIRECTION, C.SGD_GRADIENT):
                     key = C.variance_key(estimator, stat)
                     if key not in curves or not curves[key].notna().any():
                         continue
@@ -251,8 +268,12 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                     x = c.index.to_numpy(float) * float(row["batch_size"])
                     label = _setting_label(row) + ("" if estimator == C.DIRECTION
                                                    else ": plain SGD, same weights")
-                    ax.plot(x, c.values, color=family_color(row["family"]), ls=style,
-                            marker="." if estimator == C.DIRECTION else None, label=label)
+                    own = estimator == C.DIRECTION
+                    ax.plot(x, c.values, color=colour, ls=style, lw=1.8 if own else 0.8,
+                            alpha=1.0 if own else 0.6, marker="." if own else None,
+                            label=label)
+                    if diverged and own:
+                        n_marked += mark_diverged(ax, x[-1:], c.values[-1:], colour)
                     plotted[stat].append(c.values)
                     xs.append(x)
                     n_series += 1
@@ -268,13 +289,13 @@ def variance_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) ->
                 ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             plain_log_ticks(ax)
             ax.set_ylabel(f"{name} (log scale)")
-            ax.set_title(f"{problem_label(problem)}\nvar/dir_{stat} (solid), var/sgd_{stat} "
-                         "(dotted)", fontsize=9)
+            ax.set_title(f"{problem_label(problem)}\nvar/dir_{stat} (thick), var/sgd_{stat} "
+                         "(thin)", fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
         legend_outside(axes[r, 1])
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "variance"), n_panels=axes.size,
-                        n_series=n_series)
+                        n_series=n_series, n_marked=n_marked)
 
 
 def _clip_degenerate(ax, series: list[np.ndarray], span: float = 1e6) -> None:
@@ -356,51 +377,4 @@ def grad_histograms(hists: dict[tuple, dict], out_dir: Path, max_lines: int = 5)
         ax.axis("off")
     fig.tight_layout()
     return FigureResult(save_png(fig, Path(out_dir), "grad_histograms"), n_panels=len(keys),
-                        n_series=n_series)
-
-
-def profile_curve(costs: pd.DataFrame, taus: np.ndarray) -> dict[str, np.ndarray]:
-    """ρ_s(τ): share of problems on which family s is within factor τ of the best family.
-    ``costs``: rows = problems, columns = families, ∞/NaN = target not reached."""
-    costs = costs.astype(float).fillna(np.inf)
-    best = costs.min(axis=1)
-    ratios = costs.div(best, axis=0).where(np.isfinite(best), np.inf, axis=0)
-    return {fam: np.array([(ratios[fam] <= t).mean() for t in taus]) for fam in costs.columns}
-
-
-def profile_score(rho: np.ndarray, taus: np.ndarray) -> float:
-    """AlgoPerf score: the normalised area under ρ(τ) from 1 to r_max."""
-    return float(np.trapezoid(rho, taus) / (taus[-1] - taus[0]))
-
-
-def performance_profiles(cost: pd.DataFrame, out_dir: Path, r_max: float = 4.0) -> FigureResult:
-    """AlgoPerf performance profiles over problems (dataset × model) of the cost to reach the
-    target, in gradient evaluations and in seconds, at each family's tuned setting."""
-    if cost.empty:
-        return skipped("no cost-to-target data")
-    cost = cost.assign(problem=cost["dataset"].astype(str) + "/" + cost["model"].astype(str))
-    if cost["problem"].nunique() < 2:
-        return skipped("performance profiles need at least 2 problems (dataset × model)")
-    taus = np.linspace(1.0, r_max, 301)
-    fig, axes = panel_grid(1, 2, panel_h=PANEL_H + 1.0, layout="constrained")
-    n_series = 0
-    for ax, col, unit in ((axes[0, 0], "grad_evals_to_target", "gradient evaluations"),
-                          (axes[0, 1], "time_s_to_target", "wall-clock seconds")):
-        table = cost.pivot_table(index="problem", columns="family", values=col, aggfunc="min")
-        table = table[sorted(table.columns, key=family_order)]
-        curves = profile_curve(table, taus)
-        for k, (fam, rho) in enumerate(curves.items()):
-            width = 3.5 - 2.3 * k / max(1, len(curves) - 1)  # wide first: tied curves stay visible
-            ax.step(taus, rho, where="post", color=family_color(fam), lw=width,
-                    label=f"{fam} (score {profile_score(rho, taus):.2f})")
-            n_series += 1
-        ax.set_xlim(1, r_max)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("τ: cost ratio to the best family")
-        ax.set_ylabel("ρ(τ): share of problems within τ of best")
-        ax.set_title(f"cost to target in {unit}\n({table.shape[0]} problems)", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
-                  frameon=False)  # below the axes: ρ curves fill the panel
-    return FigureResult(save_png(fig, Path(out_dir), "performance_profiles"), n_panels=2,
                         n_series=n_series)

@@ -10,7 +10,15 @@ import numpy as np
 import pandas as pd
 
 from analysis import critical_batch as cb
-from analysis.style import FigureResult, panel_grid, plain_log_ticks, save_png, skipped
+from analysis.style import (
+    FigureResult,
+    arm_label,
+    arm_suffix,
+    panel_grid,
+    plain_log_ticks,
+    save_png,
+    skipped,
+)
 from study import contract as C
 
 STATS = {"var": "variance", "nvar": "normalized variance"}
@@ -56,7 +64,8 @@ def estimator_curves(metrics: pd.DataFrame, best: pd.DataFrame, out_dir: Path) -
             plain_log_ticks(ax)
             ax.set_xlabel("iteration")
             ax.set_ylabel(f"{title} (log scale)")
-            ax.set_title(f"{row['model']} {row['family']} lr={row['lr']:.3g} "
+            name = arm_label(row["family"], arm_suffix(row.get("arm", "default")))  # variant
+            ax.set_title(f"{row['model']} {name} lr={row['lr']:.3g} "
                          f"B={int(row['batch_size'])}: one trajectory", fontsize=9)
             ax.legend(fontsize=7)
     path = save_png(fig, Path(out_dir), "estimators")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import claims as claims_mod
-from analysis import figures, figures_studies, protocol, summary, tables
+from analysis import figures, figures_studies, protocol, selection, summary, tables
 
 # One artifact download per trial: MLflow's per-download progress bars would flood the sweep.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -27,22 +27,25 @@ from analysis.load import (
     load_tune,
 )
 from analysis.summary import best_per_family, format_best
-from analysis.writer import Table, to_markdown, write_table
+from analysis.writer import Table, percent_name, to_markdown, write_table
 from study import contract as C
 
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("dataset", "model", "family", "variant", "batch_size", "best_lr", "edge",
-                   C.TEST_ACCURACY, C.TRAIN_LOSS, "n_diverged")
+                   percent_name(C.TEST_ACCURACY), C.TRAIN_LOSS, "n_diverged")
 FIGURE_CAPTIONS = {
-    "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; x = diverged).",
+    "lr_sensitivity": "Final test accuracy vs learning rate (seed mean ± std; colour = family, "
+                      "line style = variant; x = diverged).",
     "lr_bs_heatmaps": "Final test accuracy (%) over the LR × batch-size grid, per family.",
     "learning_curves": "Learning curves at each family's tuned setting: test accuracy and "
                        "train loss per gradient evaluation, test accuracy per training second "
-                       "(seed mean, band: ±1 std over seeds).",
+                       "(seed mean, band: ±1 std over seeds; colour = family, line style = "
+                       "variant; x = the end of a family whose every LR diverged).",
     "variance": "Variance and normalized variance of each family's step direction "
-                "(var/dir_*, solid) beside plain SGD's gradient at the same weights "
-                "(var/sgd_*, dotted), against examples seen (Faghri et al.).",
+                "(var/dir_*, thick) beside plain SGD's gradient at the same weights "
+                "(var/sgd_*, thin), against examples seen (Faghri et al.; colour = family, "
+                "line style = variant, x = diverged).",
     "grad_histograms": "Histograms of |gradient entries| over training (log-log).",
     "estimators": "Variance and normalized variance of every estimator measured along one "
                   "trajectory (the first seed of each tuned setting): the trial's update, SGD "
@@ -52,7 +55,7 @@ FIGURE_CAPTIONS = {
                             "size's best lr, the fitted front (S/S_min − 1)(E/E_min − 1) = 1 "
                             "and the batch size B_simple predicts (McCandlish et al., Fig. 3).",
     "performance_profiles": "Performance profiles of the cost to reach the validation target "
-                            "(AlgoPerf); with few problems ρ takes few values.",
+                            "(AlgoPerf), over at least 5 problems (dataset × model).",
 }
 
 
@@ -148,22 +151,24 @@ def _source_line(trials, quote: str = "`") -> str:
 
 def _intro(trials, select, quote: str = "`") -> str:
     text = (f"Source: {_source_line(trials, quote)}. {summary.status_line(trials)}. "
-            f"Best LR selected by final {quote}{select}{quote}; only finished, stopped and "
+            f"Best LR selected by {quote}{selection.describe(select)}{quote}; only finished, "
+            "stopped and "
             "diverged trials are results.")
     if tables.usable(trials).empty:
         text += " No trial is a result: the tables below are empty and no figure is drawn."
     return text
 
 
-def study_claims(trials, spec: str | Path | None = None) -> list[dict]:
-    """The claims of ``spec`` (a spec file) when given, else of the spec the sweep logged on
-    its parent run (MLflow); none for a Tune folder without a spec."""
+def study_spec_text(trials, spec: str | Path | None = None) -> str | None:
+    """The text of ``spec`` (a spec file) when given, else of the spec the sweep logged on its
+    parent run (MLflow); None for a Tune folder without a spec."""
     if spec is not None:
-        return claims_mod.claims_of(Path(spec).read_text())
+        return Path(spec).read_text()
     if trials.attrs.get("source") == "mlflow":
-        return claims_mod.claims_of(download_text(
-            trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"], C.SPEC_ARTIFACT))
-    return []
+        return download_text(trials.attrs.get("tracking_uri"), trials.attrs["parent_run_id"],
+                             C.SPEC_ARTIFACT)
+    return None
+
 
 
 PROTOCOL_TITLE = "Protocol checks"
@@ -213,24 +218,28 @@ def _log_to_mlflow(trials, out: Path, note: str, metrics: dict[str, float],
 
 
 def make_report(study: str, tracking_uri: str | None = None, results_dir=None, out_dir=None,
-                select: str = C.VAL_ACCURACY, log_to_mlflow: bool = True,
-                parent_run_id: str | None = None, tolerance: float = 0.01,
+                select: str | None = None, log_to_mlflow: bool = True,
+                parent_run_id: str | None = None,
                 target_fraction: float = 0.9, spec: str | Path | None = None) -> Path:
     """Write the study's report folder (default ``reports/<study>``) and return its path.
-    ``spec``: a spec file whose ``claims:`` to judge (default: the sweep's own spec)."""
+    ``spec``: a spec file whose ``claims:`` (and selection) to use (default: the sweep's own
+    spec). ``select``: what picks the tuned settings (``analysis.selection``; default: the
+    spec's ``search.select``, else its ``search.metric``, else val_accuracy)."""
     trials, metrics = load_study(study, tracking_uri, results_dir, parent_run_id)
     if trials.empty:
         raise StudyNotFoundError(f"study {study!r}: the sweep has no trials to report on")
     out = Path(out_dir or Path("reports") / study).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    spec_text = study_spec_text(trials, spec)
+    select = select or selection.of_spec(spec_text)
+    trials = selection.with_selection_column(trials, metrics, select)
     select = tables.resolve_select(trials, select)
     table_list = [write_table(t, out / "tables") for t in [
-        *tables.all_tables(trials, metrics, select, tolerance=tolerance,
-                           target_fraction=target_fraction),
+        *tables.all_tables(trials, metrics, select, target_fraction=target_fraction),
         protocol.budget_table(trials), protocol.comparison_table(trials, select)]]
     warnings = (protocol.protocol_warnings(trials, select)
                 + protocol.measurement_warnings(trials, metrics))
-    claims = study_claims(trials, spec)
+    claims = claims_mod.claims_of(spec_text)
     results = claims_mod.evaluate(claims, trials, metrics, select)
     claims_table = claims_mod.claims_table(results)
     claims_table.paths = {"csv": claims_mod.claims_csv(results, out / C.CLAIMS_ARTIFACT)}
@@ -238,14 +247,16 @@ def make_report(study: str, tracking_uri: str | None = None, results_dir=None, o
     summary_table = summary_frame(best_lr)
     summary_table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(
-        f"# {study}: best LR per model × family × batch size (by final {select})\n\n"
+        f"# {study}: best LR per model × family × batch size (by {selection.describe(select)})"
+        "\n\n"
         + to_markdown(summary_table))
     best_rows = summary.best_frame(trials, select)
     best_file = summary.write_best(best_rows, out)
     sections = [
         ("best", "Best setting per model × family",
-         f"The tuned setting of each family (by final {select}, seed means; accuracies as "
-         "fractions); blank where every LR diverged or no trial is a result.", [best_file],
+         f"The tuned setting of each family (by {selection.describe(select)}, seed means; "
+         "accuracies as "
+         "percent); blank where every LR diverged or no trial is a result.", [best_file],
          tables.drop_redundant_arm(best_rows)),
         ("summary", "Summary (best LR per model × family × batch size)", "",
          [out / "summary.csv", out / "summary.md"], summary_table)]

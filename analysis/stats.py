@@ -144,3 +144,23 @@ def fmt_p(p: float) -> str:
     if math.isnan(p):
         return "–"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def expected_best_of_draws(values, k: int, replace: bool = False) -> float:
+    """E[max of k draws] from ``values`` (every value equally likely): the performance a
+    random search of budget k over a grid expects (Sivaprasad et al. 2020, "Optimizer
+    benchmarking needs to account for hyperparameter tuning", Sec. 3). With the values sorted
+    ascending, v_(1) ≤ … ≤ v_(n): without replacement P(max = v_(i)) = C(i−1, k−1)/C(n, k);
+    with replacement P(max ≤ v_(i)) = (i/n)^k. Ties give the same expectation either way."""
+    v = np.sort(np.asarray(list(values), dtype=float))
+    n = len(v)
+    if n == 0 or k < 1 or np.isnan(v).any():
+        return math.nan
+    i = np.arange(1, n + 1)
+    if replace:
+        weights = (i / n) ** k - ((i - 1) / n) ** k
+    else:
+        if k > n:
+            raise ValueError(f"{k} draws without replacement from {n} values")
+        weights = np.array([math.comb(j - 1, k - 1) for j in i], float) / math.comb(n, k)
+    return float(weights @ v)

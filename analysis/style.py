@@ -85,6 +85,35 @@ def arm_styles(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, str
     return styles
 
 
+DIVERGED_MARKER = {"marker": "x", "ms": 8, "mew": 2, "ls": "none", "zorder": 5}
+DIVERGED_LABEL = "diverged (x)"
+
+
+def mark_diverged(ax, x, y, colour: str) -> int:
+    """An x in the family's colour at each diverged point (every curve figure marks them the
+    same way); returns how many points it marked."""
+    x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+    if len(x):
+        ax.plot(x, y, color=colour, label="_diverged", **DIVERGED_MARKER)
+    return len(x)
+
+
+def diverged_handle():
+    """The legend entry that explains the x."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color="k", **{k: v for k, v in DIVERGED_MARKER.items()
+                                        if k != "zorder"})
+
+
+def setting_style(styles: dict, row) -> tuple[str, str, bool]:
+    """(colour, line style, diverged) of a tuned-setting row of ``tables.best_settings``:
+    colour = family, line style = variant (``arm_styles``); diverged when no LR of that
+    setting left a result (its row carries the diverged runs, score NaN)."""
+    colour, style, _ = styles[(row["family"], arm_suffix(row["arm"]))]
+    return colour, style, bool(pd.isna(row.get("score", 0.0)))
+
+
 def panel_grid(n_rows: int, n_cols: int, panel_h: float = PANEL_H, **kw):
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL_W * n_cols, panel_h * n_rows),
                              squeeze=False, **kw)

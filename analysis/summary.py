@@ -1,6 +1,7 @@
 """The study's headline: the best setting of each model × family (``best.csv`` in the report
-folder) and, on the MLflow parent run, the metrics ``best/<model>/<family>/<metric>`` and a
-markdown description (``mlflow.note.content``) that MLflow's UI shows on the run page.
+folder) and, on the MLflow parent run, the metrics ``best/<model>/<family>/<metric>_pct``
+(percent, like every accuracy in the report) and a markdown description
+(``mlflow.note.content``) that MLflow's UI shows on the run page.
 
 ``best_per_family(report_dir)`` reads ``best.csv`` back (the sweep's CLI prints it at the end);
 ``format_best(frame)`` renders it as a plain-text table for a terminal.
@@ -14,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import tables
+from analysis import selection, tables
 from analysis.style import arm_suffix, family_order
-from analysis.writer import format_value, to_markdown
+from analysis.writer import accuracy_in_percent, format_value, percent_name, to_markdown
 from study import contract as C
 
 BEST_FILE = "best.csv"
-BEST_COLUMNS = ("dataset", "model", "family", "variant", "arm", "lr", "edge", "batch_size",
-                C.VAL_ACCURACY, C.TEST_ACCURACY, "n_seeds")
 BEST_METRICS = (C.VAL_ACCURACY, C.TEST_ACCURACY)
+BEST_COLUMNS = ("dataset", "model", "family", "variant", "arm", "lr", "edge", "batch_size",
+                *map(percent_name, BEST_METRICS), "n_seeds")
+PERCENT_SUFFIX = "_pct"   # the parent run's best/... metrics are percent; MLflow names allow no %
 _MAX_NOTE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _UNTUNED = ("variant", "arm", "lr", "batch_size", *BEST_METRICS)  # blank without a tuned setting
 
@@ -32,7 +34,8 @@ def best_frame(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> pd.DataFra
     its seed-mean val and test accuracy. A family with no tuned setting (every LR diverged, or
     no result at all) keeps its row with the setting and accuracies blank and n_seeds 0."""
     best = tables.best_settings(trials, select)
-    out = pd.DataFrame({col: best[col] if col in best else np.nan for col in BEST_COLUMNS},
+    names = [*BEST_COLUMNS[:-3], *BEST_METRICS, "n_seeds"]
+    out = pd.DataFrame({col: best[col] if col in best else np.nan for col in names},
                        index=best.index)
     untuned = best["score"].isna().to_numpy()
     out[list(_UNTUNED)] = out[list(_UNTUNED)].astype(object)
@@ -45,7 +48,7 @@ def best_frame(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> pd.DataFra
     order = sorted(range(len(out)), key=lambda i: (str(out["dataset"].iat[i]),
                                                    str(out["model"].iat[i]),
                                                    family_order(str(out["family"].iat[i]))))
-    return out.iloc[order].reset_index(drop=True)
+    return accuracy_in_percent(out.iloc[order].reset_index(drop=True))
 
 
 def write_best(frame: pd.DataFrame, out_dir: Path) -> Path:
@@ -56,7 +59,7 @@ def write_best(frame: pd.DataFrame, out_dir: Path) -> Path:
 
 def best_per_family(report_dir: str | Path) -> pd.DataFrame:
     """The report's ``best.csv``: the tuned setting of each model × family, columns
-    ``BEST_COLUMNS`` (accuracies are fractions; NaN where a family has no tuned setting)."""
+    ``BEST_COLUMNS`` (accuracies in percent; NaN where a family has no tuned setting)."""
     frame = pd.read_csv(Path(report_dir) / BEST_FILE)
     frame["batch_size"] = frame["batch_size"].astype("Int64")
     return frame
@@ -65,41 +68,43 @@ def best_per_family(report_dir: str | Path) -> pd.DataFrame:
 def format_best(frame: pd.DataFrame) -> str:
     """A fixed-width text table of ``best_per_family`` for a terminal (accuracies in %)."""
     rows = [("model", "family", "variant", "lr", "batch", "val %", "test %", "seeds")]
-    for r in frame.itertuples(index=False):
-        rows.append((str(r.model), str(r.family), _variant(r), format_value(r.lr),
-                     format_value(r.batch_size), _pct(r.val_accuracy), _pct(r.test_accuracy),
-                     str(r.n_seeds)))
+    val, test = map(percent_name, BEST_METRICS)
+    for _, r in frame.iterrows():
+        rows.append((str(r["model"]), str(r["family"]), _variant(r), format_value(r["lr"]),
+                     format_value(r["batch_size"]), _pct(r[val]), _pct(r[test]),
+                     str(r["n_seeds"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
                      for row in rows)
 
 
 def _pct(value) -> str:
-    return "–" if value is None or pd.isna(value) else f"{100 * value:.2f}"
+    return "–" if value is None or pd.isna(value) else f"{value:.1f}"
 
 
 def _variant(row) -> str:
     """The variant, or the arm's variant+options suffix when the options distinguish it."""
-    if pd.isna(row.variant):
+    if pd.isna(row["variant"]):
         return "–"
-    return arm_suffix(row.arm) if isinstance(row.arm, str) else str(row.variant)
+    return arm_suffix(row["arm"]) if isinstance(row["arm"], str) else str(row["variant"])
 
 
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 def best_metrics(frame: pd.DataFrame) -> dict[str, float]:
-    """``best/<model>/<family>/<metric>`` -> seed mean at the tuned setting (finite values
-    only). A study has one dataset; with several, the key carries it: best/<dataset>/..."""
+    """``best/<model>/<family>/<metric>_pct`` -> seed mean (%) at the tuned setting (finite
+    values only). A study has one dataset; with several, the key carries it:
+    best/<dataset>/..."""
     several = frame["dataset"].nunique() > 1
     out = {}
-    for r in frame.itertuples(index=False):
-        parts = ([str(r.dataset)] if several else []) + [str(r.model), str(r.family)]
+    for _, r in frame.iterrows():
+        parts = ([str(r["dataset"])] if several else []) + [str(r["model"]), str(r["family"])]
         for metric in BEST_METRICS:
-            value = getattr(r, metric)
+            value = r[percent_name(metric)]
             if value is not None and not pd.isna(value) and math.isfinite(value):
                 key = C.BEST_PREFIX + "/".join(_METRIC_NAME.sub("_", p) for p in parts)
-                out[f"{key}/{metric}"] = float(value)
+                out[f"{key}/{metric}{PERCENT_SUFFIX}"] = float(value)
     return out
 
 
@@ -115,16 +120,18 @@ def description(study: str, trials: pd.DataFrame, best: pd.DataFrame, select: st
     """The parent run's markdown description: study, dataset, trials by status, best table."""
     datasets = ", ".join(sorted(map(str, trials["dataset"].dropna().unique()))) or "unknown"
     lines = [f"**Study `{study}`** on **{datasets}**", "", f"{status_line(trials)}.", "",
-             f"Best setting of each model × family (by final {select}, seed means); the full "
+             f"Best setting of each model × family (by {selection.describe(select)}, seed "
+             "means); the full "
              f"report is the artifact `{C.REPORT_DIR}/index.html`.", ""]
     if best.empty:
         return "\n".join(lines + ["No trial is a result (none finished, stopped or diverged)."])
     table = pd.DataFrame({
         "model": best["model"], "family": best["family"],
-        "variant": [_variant(r) for r in best.itertuples(index=False)],
+        "variant": [_variant(r) for _, r in best.iterrows()],
         "lr": best["lr"], "batch size": best["batch_size"],
-        "val acc (%)": [_pct(v) for v in best[C.VAL_ACCURACY]],
-        "test acc (%)": [_pct(v) for v in best[C.TEST_ACCURACY]], "seeds": best["n_seeds"]})
+        "val acc (%)": [_pct(v) for v in best[percent_name(C.VAL_ACCURACY)]],
+        "test acc (%)": [_pct(v) for v in best[percent_name(C.TEST_ACCURACY)]],
+        "seeds": best["n_seeds"]})
     return "\n".join(lines) + "\n" + to_markdown(table)
 
 

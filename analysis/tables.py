@@ -2,24 +2,24 @@
 critical batch size. Every function takes the frames of ``analysis.load`` and returns a
 ``Table`` (written by ``analysis.writer``); missing inputs give a table that says so.
 
-Conventions: accuracies are fractions in [0, 1] (as logged); the results are the trials whose
-status is one of ``contract.RESULT_STATUSES``: finished, stopped early by the scheduler (its
-final metrics are those of its last epoch) and diverged (its score is NaN, so a setting where
-any seed diverged is never selected). Errored, interrupted and still-running trials are not
-results and are left out of every statistic except the counts. Every table survives a study
-with no result left (it then says so).
+Conventions: accuracies are fractions in [0, 1] as logged, and percent (one decimal, columns
+named '... (%)') in every table a reader sees (``writer.accuracy_in_percent``); the results
+are the trials whose status is one of ``contract.RESULT_STATUSES``: finished, stopped early
+by the scheduler (its final metrics are those of its last epoch) and diverged (its score is
+NaN, so a setting where any seed diverged is never selected). Errored, interrupted and
+still-running trials are not results and are left out of every statistic except the counts.
+Every table survives a study with no result left (it then says so).
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from analysis import stats
+from analysis import selection, stats
 from analysis.grid import EDGE, with_edge
-from analysis.writer import Table
+from analysis.writer import Table, accuracy_in_percent
 from study import contract as C
 
-SELECTIONS = {C.VAL_ACCURACY: "max", C.TRAIN_LOSS: "min", C.TEST_ACCURACY: "max"}
 SETTING_KEYS = ("dataset", "model", "family", "variant", "arm", "batch_size")
 PROBLEM_KEYS = ("dataset", "model")
 REPORTED = (C.TEST_ACCURACY, C.VAL_ACCURACY, C.TRAIN_LOSS, C.GRAD_EVALS, C.TIME_S)
@@ -44,9 +44,9 @@ def note_table(name: str, title: str, note: str) -> Table:
 
 
 def resolve_select(trials: pd.DataFrame, select: str) -> str:
-    """The selection metric, falling back to test accuracy when the study had no val split."""
-    if select not in SELECTIONS:
-        raise ValueError(f"select={select!r}: must be one of {sorted(SELECTIONS)}")
+    """The selection (``analysis.selection``), falling back to test accuracy when the study
+    had no val split."""
+    selection.check(select)
     if select in trials.columns and trials[select].notna().any():
         return select
     if not _has_metrics(usable(trials)):  # nothing to select from: the tables say so
@@ -63,7 +63,7 @@ def usable(trials: pd.DataFrame) -> pd.DataFrame:
 
 def _has_metrics(frame: pd.DataFrame) -> bool:
     return any(m in frame.columns and frame[m].notna().any()
-               for m in (*SELECTIONS, C.TEST_LOSS, C.VAL_LOSS))
+               for m in (*selection.SELECTIONS, C.TEST_LOSS))
 
 
 def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
@@ -86,7 +86,7 @@ def aggregate_settings(trials: pd.DataFrame, select: str) -> pd.DataFrame:
 def _pick(settings: pd.DataFrame, by: list[str], select: str) -> pd.DataFrame:
     """Best row of each group (max or min score); groups whose every score is NaN keep their
     first row with NaN best so that they are still listed."""
-    ascending = SELECTIONS[select] == "min"
+    ascending = selection.mode(select) == "min"
     ordered = settings.sort_values(by + ["score", "lr"], ascending=[True] * len(by) + [
         ascending, True], na_position="last", kind="mergesort")
     return ordered.groupby(by, dropna=False, sort=True).head(1).reset_index(drop=True)
@@ -115,9 +115,9 @@ def best_lr_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> Table:
     best = with_edge(best, trials, "best_lr")
     cols = groups + ["best_lr", EDGE] + keys_in(best, REPORTED) + ["n_seeds", "n_lr",
                                                                    "n_diverged"]
-    rule = f"{SELECTIONS[select]} final {select}"
+    rule = selection.describe(select)
     return Table("best_lr", f"Best learning rate per setting (selected by {rule})",
-                 drop_redundant_arm(best[cols]),
+                 drop_redundant_arm(accuracy_in_percent(best[cols])),
                  "Seed means at the selected LR (a setting where any seed diverged is never "
                  "selected); best_lr is '–' when every LR diverged. edge: the best LR is the "
                  "lowest ('low') or highest ('high') LR tried, or the only one: extend the grid.")
@@ -165,25 +165,53 @@ def final_accuracy_table(trials: pd.DataFrame, select: str = C.VAL_ACCURACY) -> 
                  "the tuned LR is on the edge of its grid.")
 
 
-def tuneability_table(trials: pd.DataFrame, metric: str | None = None,
-                      tolerance: float = 0.01) -> Table:
-    """DeepOBS-style tuneability: share of the LR grid within ``tolerance`` of the best
-    (seed-mean, final accuracy; tolerance 0.01 = 1 percentage point)."""
+TUNEABILITY_BUDGETS = (1, 2, 4)
+TUNEABILITY_SOURCE = ("Sivaprasad et al. 2020, 'Optimizer benchmarking needs to account for "
+                      "hyperparameter tuning'")
+
+
+def tuneability_frame(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per setting (problem × family/variant × batch size): the expected best seed-mean
+    ``metric`` (%) a random search of k LRs drawn from the grid without replacement finds, for
+    k in ``TUNEABILITY_BUDGETS`` (k = 1: the grid's mean), the best of the whole grid, and the
+    mean over every budget k = 1..n (ω-tunability with equal weights). A diverged LR scores
+    0 (DeepOBS's LR-sensitivity plot sets NaN to 0): an optimizer that diverges on part of its
+    grid is harder to tune."""
+    settings = aggregate_settings(trials, metric)
+    groups = keys_in(settings, SETTING_KEYS)
+    rows = []
+    for key, part in settings.groupby(groups, dropna=False):
+        scores = 100 * part["score"].fillna(0.0).to_numpy(float)
+        n = len(scores)
+        row = {**dict(zip(groups, key)), "n_lr": n,
+               "n_lr_diverged": int((part["n_diverged"] > 0).sum())}
+        for k in TUNEABILITY_BUDGETS:
+            row[f"best of {k} (%)"] = (stats.expected_best_of_draws(scores, k)
+                                       if k <= n else np.nan)
+        row["best of grid (%)"] = float(scores.max())
+        row["mean over budgets (%)"] = float(np.mean(
+            [stats.expected_best_of_draws(scores, k) for k in range(1, n + 1)]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tuneability_table(trials: pd.DataFrame, metric: str | None = None) -> Table:
     metric = metric or next((m for m in (C.VAL_ACCURACY, C.TEST_ACCURACY)
                              if m in trials.columns and trials[m].notna().any()), None)
     if metric is None or metric not in trials.columns:
         return note_table("tuneability", "Tuneability", "no accuracy metric was logged")
-    settings = aggregate_settings(trials, metric)
-    groups = keys_in(settings, SETTING_KEYS)
-    best = settings.groupby(groups, dropna=False)["score"].transform("max")
-    settings["within"] = (settings["score"] >= best - tolerance).astype(int)
-    out = settings.groupby(groups, dropna=False).agg(
-        n_lr=("lr", "nunique"), n_within=("within", "sum"), best=("score", "max")).reset_index()
-    out["share_within"] = out["n_within"] / out["n_lr"]
-    return Table("tuneability", f"Tuneability: share of the LR grid within {tolerance:g} of "
-                 f"the best final {metric}", drop_redundant_arm(out),
-                 "Diverged LRs count as outside; trials that are not results (errored, "
-                 "interrupted, running) are left out of the grid.")
+    frame = tuneability_frame(trials, metric)
+    if frame.empty:
+        return note_table("tuneability", "Tuneability", "no trial is a result")
+    return Table("tuneability", f"Tuneability: expected best final {metric} (%) after k "
+                 f"random LRs from the grid ({TUNEABILITY_SOURCE})",
+                 drop_redundant_arm(frame.round(1)),
+                 "best of k = E[max of k LRs drawn without replacement from the grid] of the "
+                 "seed-mean score (k = 1: the grid's mean; '–' where the grid has fewer LRs); "
+                 "mean over budgets = the mean of best of k over k = 1..n (ω-tunability, "
+                 "equal weights). A diverged LR (any seed) scores 0. DeepOBS itself reports "
+                 "no tuneability number (its table lists the tuned setting; the LR-sensitivity "
+                 "figure shows the rest). Trials that are not results are left out of the grid.")
 
 
 def _first_reach(history: pd.DataFrame, metric: str, target: float) -> pd.DataFrame:
@@ -248,10 +276,14 @@ def cost_to_target_table(trials, metrics, select=C.VAL_ACCURACY, metric=C.VAL_AC
         return note_table("cost_to_target", "Cost to reach the target",
                           f"no {metric} history of a finished, stopped or diverged trial "
                           "(targets are set on validation data, never on test data)")
-    goal = (f"{target:g}" if target is not None
-            else f"{target_fraction:g} × the best {metric} any trial reached")
+    shown = accuracy_in_percent(frame.rename(columns={"target": f"target {metric}"}))
+    if metric.endswith("accuracy"):
+        target_text = f"{100 * target:.1f}%" if target is not None else None
+    else:
+        target_text = f"{target:g}" if target is not None else None
+    goal = target_text or f"{target_fraction:g} × the best {metric} any trial reached"
     return Table("cost_to_target", f"Cost to reach {metric} ≥ target ({goal})",
-                 drop_redundant_arm(frame),
+                 drop_redundant_arm(shown),
                  "Gradient evaluations (examples through a backward, incl. periodic work) and "
                  "wall seconds at the first logged step reaching the target; median over seeds "
                  "at the tuned setting ('not reached' = ∞), and the fastest trial in the grid.")
@@ -345,9 +377,9 @@ def _pooled_noise_scale(metrics, run_ids) -> float:
     return float(trace.mean() / grad_sq.mean()) if grad_sq.mean() > 0 else np.inf
 
 
-def all_tables(trials, metrics, select=C.VAL_ACCURACY, tolerance=0.01, target_fraction=0.9,
+def all_tables(trials, metrics, select=C.VAL_ACCURACY, target_fraction=0.9,
                target_metric=C.VAL_ACCURACY) -> list[Table]:
     return [best_lr_table(trials, select), final_accuracy_table(trials, select),
-            tuneability_table(trials, tolerance=tolerance),
+            tuneability_table(trials),
             cost_to_target_table(trials, metrics, select, target_metric, target_fraction),
             status_counts_table(trials), critical_batch_table(trials, metrics, select)]

@@ -12,6 +12,22 @@ import numpy as np
 import pandas as pd
 
 NOT_REACHED = "not reached"
+PERCENT = " (%)"
+ACCURACY_DIGITS = 1   # accuracies on 400-10,000 examples: a tenth of a point is the resolution
+
+
+def percent_name(column: str) -> str:
+    return f"{column}{PERCENT}"
+
+
+def accuracy_in_percent(frame: pd.DataFrame, digits: int = ACCURACY_DIGITS) -> pd.DataFrame:
+    """Every ``*accuracy`` column (fractions, as trials log them) in percent, rounded to
+    ``digits`` and named '<column> (%)': the one unit of accuracy in every table."""
+    columns = [c for c in frame.columns if isinstance(c, str) and c.endswith("accuracy")]
+    out = frame.copy()
+    for column in columns:
+        out[column] = (100 * pd.to_numeric(out[column], errors="coerce")).round(digits)
+    return out.rename(columns={c: percent_name(c) for c in columns})
 
 
 @dataclass

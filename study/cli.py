@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a spec; print the number of trials it resolves to")
     v.add_argument("spec")
+    d = sub.add_parser("has-data", help="say whether a spec's dataset is on disk (rc 0) or "
+                                        "not (rc 1, one 'skipped <study>: ...' line)")
+    d.add_argument("spec")
     f = sub.add_parser("families", help="list the optimizer families, variants and options")
     f.add_argument("--plugins", nargs="*", default=[], help="plugin modules or .py files")
     s = sub.add_parser("sweep", help="run (or resume) a study, then write its report")
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.spec}: OK, study {spec.name!r}: {spec.num_trials():,} trials "
                   f"({spec.search.kind} search)")
             return 0
+        if args.command == "has-data":
+            return _has_data(load_spec(args.spec))
         if args.command == "families":
             _print_families(args.plugins)
             return 0
@@ -65,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(study: str, tracking_uri: str | None, results=None, select="val_accuracy",
+def _report(study: str, tracking_uri: str | None, results=None, select=None,
             parent_run_id: str | None = None):
+    """The report; ``select`` None: the selection of the spec the sweep logged."""
     from analysis.report import make_report
 
     return make_report(study, tracking_uri=tracking_uri, results_dir=results, select=select,
@@ -91,8 +97,7 @@ def _sweep(args) -> int:
         return 0
     started = time.monotonic()
     try:
-        out = _report(result.name, result.tracking_uri, parent_run_id=result.parent_run_id,
-                      select=_selection(spec.search.metric))
+        out = _report(result.name, result.tracking_uri, parent_run_id=result.parent_run_id)
     except KeyboardInterrupt:
         print(f"error: interrupted during the report; the sweep itself is complete: "
               f"make report STUDY={result.name}", file=sys.stderr)
@@ -119,6 +124,22 @@ def _print_claims(report_dirs: list[Path]) -> int:
     return 1 if missing else 0
 
 
+def _has_data(spec) -> int:
+    """rc 0 when the spec's dataset can be read without downloading; else rc 1 and the line
+    ``make reproduce`` shows for the study it skips."""
+    from study.data import IMAGE_DATASETS, missing_dataset
+
+    why = None if spec.dataset.download else missing_dataset(spec.dataset.name,
+                                                             spec.dataset.root)
+    if why:
+        print(f"skipped {spec.name}: {why}")
+        return 1
+    where = ("generated here" if spec.dataset.name not in IMAGE_DATASETS
+             else f"found under {spec.dataset.root}")
+    print(f"{spec.name}: {spec.dataset.name} {where}")
+    return 0
+
+
 def _print_families(plugins: list[str]) -> None:
     from study.optim import FAMILIES
     from study.optim.options import describe
@@ -129,13 +150,6 @@ def _print_families(plugins: list[str]) -> None:
         print(f"{name}: variants {', '.join(cls.variants)} (default {cls.variants[0]})")
         for option, text in describe(cls.Options).items():
             print(f"    {option} = {text}")
-
-
-def _selection(metric: str) -> str:
-    """The report picks best settings by the study's own metric where it can."""
-    from analysis.tables import SELECTIONS
-
-    return metric if metric in SELECTIONS else "val_accuracy"
 
 
 def _print_best(report_dir) -> None:

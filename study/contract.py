@@ -48,11 +48,27 @@ EPOCH_METRICS = (EPOCH, ITERATION, GRAD_EVALS, TIME_S, MEASURE_S, SHADOW_GRAD_EV
                  DIVERGED_FLAG, REACHED_TARGET, TRAIN_BATCH_LOSS, TRAIN_LOSS, TRAIN_ACCURACY,
                  VAL_LOSS, VAL_ACCURACY, TEST_LOSS, TEST_ACCURACY)
 VALIDATION_METRICS = (VAL_LOSS, VAL_ACCURACY)  # only with dataset.val_fraction > 0
+# metrics that can pick a tuned setting, and which end is best (test_accuracy: only as the
+# analysis' fallback for a study without a validation split; a spec cannot ask for it)
+SELECTION_MODES = {VAL_ACCURACY: "max", VAL_LOSS: "min", TRAIN_LOSS: "min",
+                   TRAIN_ACCURACY: "max", TEST_ACCURACY: "max"}
+SELECT_AT = "@"                       # 'train_loss@2': the metric at epoch 2 (search.select)
+BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>_pct
+
+
+def selection_key(metric: str, epoch: int | None = None) -> str:
+    """The name of a selection: the final ``metric``, or ``metric@epoch`` at an epoch."""
+    return metric if epoch is None else f"{metric}{SELECT_AT}{epoch}"
+
+
+def parse_selection(key: str) -> tuple[str, int | None]:
+    """``selection_key``'s inverse: 'train_loss@2' -> ('train_loss', 2)."""
+    metric, at, epoch = key.partition(SELECT_AT)
+    return (metric, int(epoch)) if at else (metric, None)
 RUN_ID_KEY = "mlflow_run_id"          # reported to Tune beside the metrics (the driver needs it)
 # seconds a trial spent besides training and measuring, by phase, logged once at its end:
 # overhead/{startup,data,eval,checkpoint,report,log}_s (study.trial.Phases)
 OVERHEAD_PREFIX = "overhead/"
-BEST_PREFIX = "best/"                 # the parent run's summary: best/<model>/<family>/<metric>
 
 # -- the variance probe's metrics (Faghri et al.'s get_Ege_var; McCandlish et al.'s B_simple) --
 VARIANCE_PREFIX = "var/"

@@ -226,19 +226,37 @@ def _mnist1d(root: Path, size: int):
     return d["x"][:, None, :], d["y"], d["x_test"][:, None, :], d["y_test"]
 
 
-def _torchvision(name: str, root: Path, download: bool):
-    """Read a torchvision dataset through its own class; scale to [0, 1] and normalize."""
+def _torchvision_splits(name: str, root: Path, download: bool):
+    """(train, test) of torchvision's own class for ``name``; FileNotFoundError naming the
+    dataset and the root when its files are not there."""
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
            "cifar10": _CIFAR10}[name]
     try:
-        train, test = (cls(str(root), train=t, download=download) for t in (True, False))
+        return tuple(cls(str(root), train=t, download=download) for t in (True, False))
     except RuntimeError as err:
         raise FileNotFoundError(
             f"dataset.name: {name} not found under dataset.root={root} ({err}); "
             "place the files there or set dataset.download: true where the internet is reachable"
         ) from err
+
+
+def missing_dataset(name: str, root: str | Path) -> str | None:
+    """Why ``name`` cannot be read from ``root`` without downloading (None when it can, and
+    always for the generated datasets): what ``make reproduce`` prints when it skips a study."""
+    if name not in IMAGE_DATASETS:   # torchvision's; the others are generated here
+        return None
+    try:
+        _torchvision_splits(name, Path(root), download=False)
+    except FileNotFoundError as err:
+        return str(err).removeprefix("dataset.name: ")
+    return None
+
+
+def _torchvision(name: str, root: Path, download: bool):
+    """Read a torchvision dataset through its own class; scale to [0, 1] and normalize."""
+    train, test = _torchvision_splits(name, root, download)
     x, xt = (_images(d.data) for d in (train, test))
     mean, std = x.mean(), x.std()
     return ((x - mean) / std, np.asarray(train.targets), (xt - mean) / std,

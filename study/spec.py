@@ -26,10 +26,10 @@ from study.config import TrialConfig
 from study.optim.options import OptionError, parse_options
 from study.plugins import import_plugin
 from study.plugins import resolve as resolve_plugin
+from study.spec_claims import ClaimSpec
 from study.spec_sections import (  # DatasetSpec is re-exported: callers import it from here
     INPUT_SHAPES,
     CheckpointSpec,
-    ClaimSpec,
     DatasetSpec,
     EvaluateSpec,
     FamilySpec,
@@ -108,6 +108,25 @@ class Spec(Strict):
                 and self.dataset.val_fraction == 0):
             raise Problem(f"needs a validation split, but dataset.val_fraction is 0 "
                           f"(got {self.search.metric!r})", "search.metric")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_is_logged(self):
+        """search.select must name a split the study has and an epoch that is evaluated."""
+        select = self.search.select
+        if select is None:
+            return self
+        if select.metric in contract.VALIDATION_METRICS and self.dataset.val_fraction == 0:
+            raise Problem(f"needs a validation split, but dataset.val_fraction is 0 (got "
+                          f"{select.metric!r})", "search.select.metric")
+        epoch, every = select.epoch, self.evaluate.every
+        if epoch is not None and epoch > self.epochs:
+            raise Problem(f"after the last epoch ({self.epochs}) (got {epoch})",
+                          "search.select.epoch")
+        if epoch is not None and epoch % every and epoch != self.epochs:
+            raise Problem(f"not an evaluated epoch: evaluate.every is {every}, so the metric "
+                          f"is logged at epochs {every}, {2 * every}, ... and {self.epochs} "
+                          f"(got {epoch})", "search.select.epoch")
         return self
 
     @model_validator(mode="after")

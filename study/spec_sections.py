@@ -21,10 +21,8 @@ from study.models import MODELS
 from study.shadows import parse_estimators
 from study.spec_values import (
     Problem,
-    check_name,
     log_range_values,
     parse_lr,
-    shown,
 )
 from study.toy import SINE2D_SIZE
 from study.variance import ProbeSettings
@@ -36,7 +34,7 @@ INPUT_SHAPES = {"mnist1d": (1, 40), "mnist": (1, 28, 28), "fashion_mnist": (1, 2
 MNIST1D_TRAIN_FRACTION = 0.8
 
 
-def _one_of(value: str, choices, what: str) -> str:
+def one_of(value: str, choices, what: str) -> str:
     if value not in choices:
         raise Problem(f"unknown {what} {value!r}; choose from {list(choices)}")
     return value
@@ -90,7 +88,7 @@ class DatasetSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        return _one_of(v, DATASETS, "dataset")
+        return one_of(v, DATASETS, "dataset")
 
     @model_validator(mode="after")
     def _options_fit_the_data(self):
@@ -147,7 +145,7 @@ class ModelSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        return _one_of(v, MODELS, "model")
+        return one_of(v, MODELS, "model")
 
     @field_validator("init", mode="before")
     @classmethod
@@ -183,6 +181,27 @@ class FamilySpec(Strict):
         return n
 
 
+class SelectSpec(Strict):
+    """How the report picks each family's tuned setting: the best seed-mean ``metric`` (a loss:
+    the lowest; an accuracy: the highest) at ``epoch`` (default: the trial's last). sngrad's
+    protocol: ``{metric: train_loss, epoch: 2}``."""
+
+    metric: str
+    epoch: PositiveInt | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _selectable(cls, v):
+        if v.startswith("test_"):
+            raise Problem(f"selecting on {v!r} would let test data choose the setting; use a "
+                          "train_ or val_ metric")
+        return one_of(v, [m for m in contract.SELECTION_MODES if not m.startswith("test_")],
+                       "selection metric")
+
+    def key(self) -> str:
+        return contract.selection_key(self.metric, self.epoch)
+
+
 class SearchSpec(Strict):
     kind: Literal["grid", "optuna"] = "grid"
     num_samples: PositiveInt = 20
@@ -191,6 +210,7 @@ class SearchSpec(Strict):
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     max_trials: PositiveInt = 10_000          # refuse studies with more trials than this
+    select: SelectSpec | None = None          # what picks the tuned setting in the report
 
     @field_validator("metric")
     @classmethod
@@ -309,85 +329,3 @@ class MeasureSpec(Strict):
 
 class TrackingSpec(Strict):
     uri: str = "sqlite:///mlflow.db"
-
-
-NUMBER_PARAMS = ("target",)                 # claim parameters that are numbers
-# claim parameters naming var/<name>_<statistic> keys
-VARIANCE_PARAMS = ("estimator", "lower", "upper", "value", "better", "worse")
-METRIC_PARAMS = ("x", "y")                                   # a final metric of every trial
-NAME_PARAMS = ("family", "baseline", "model", "dataset")
-
-
-def _variance_key(value: str) -> bool:
-    name = value.removeprefix(contract.VARIANCE_PREFIX)
-    return any(name.endswith("_" + s) and len(name) > len(s) + 1
-               for s in contract.VARIANCE_STATISTICS)
-
-
-class ClaimSpec(Strict):
-    """A claim the study should show: ``statistic`` (``contract.CLAIM_STATISTICS``) with its
-    ``params``, compared to ``threshold``; ``analysis.claims`` measures and judges it."""
-
-    name: str                                # MLflow keys claim/<name>/...: a plain name
-    source: str                              # the citation the claim comes from
-    statistic: str
-    params: dict[str, Any] = {}
-    compare: Literal[">", "<", ">=", "<=", "within"]
-    threshold: Any                           # a number; [low, high] for within
-    figure: str | None = None                # a report figure that shows it
-
-    _name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
-
-    @field_validator("statistic")
-    @classmethod
-    def _known(cls, v):
-        return _one_of(v, contract.CLAIM_STATISTICS, "statistic")
-
-    @field_validator("figure")
-    @classmethod
-    def _figure(cls, v):
-        return v if v is None else _one_of(v, contract.REPORT_FIGURES, "figure")
-
-    @model_validator(mode="after")
-    def _params(self):
-        required, optional = contract.CLAIM_STATISTICS[self.statistic]
-        takes = f"{self.statistic} takes {', '.join(required + optional)}"
-        for key, value in self.params.items():
-            if key not in required + optional:
-                raise Problem(f"unknown parameter {key!r}; {takes} (got {shown(value)})",
-                              f"params.{key}")
-            if key in NUMBER_PARAMS:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise Problem(f"must be a number (got {shown(value)})", f"params.{key}")
-                continue
-            if not isinstance(value, str):
-                raise Problem(f"must be a name (text) (got {shown(value)})", f"params.{key}")
-            if key in VARIANCE_PARAMS and not _variance_key(value):
-                raise Problem("must be a variance key <estimator>_<statistic> such as dir_var "
-                              f"or sgd_nvar (statistics: {', '.join(contract.VARIANCE_STATISTICS)}"
-                              f") (got {shown(value)})", f"params.{key}")
-            if (key in METRIC_PARAMS and value not in contract.EPOCH_METRICS
-                    and not (value.startswith(contract.VARIANCE_PREFIX) or _variance_key(value))):
-                raise Problem("must be a metric every trial logs ("
-                              + ", ".join(contract.EPOCH_METRICS) + f", or var/...) (got "
-                              f"{shown(value)})", f"params.{key}")
-        missing = [k for k in required if k not in self.params]
-        if missing:
-            raise Problem(f"{self.statistic} needs {', '.join(missing)}; {takes} (got "
-                          f"{shown(self.params)})", "params")
-        return self
-
-    @model_validator(mode="after")
-    def _threshold(self):
-        t = self.threshold
-
-        def number(v):
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and v == v
-        if self.compare == "within":
-            if not (isinstance(t, list) and len(t) == 2 and all(map(number, t)) and t[0] <= t[1]):
-                raise Problem(f"within needs [low, high] with low <= high (got {shown(t)})",
-                              "threshold")
-        elif not number(t):
-            raise Problem(f"must be a number for compare {self.compare!r} (got {shown(t)})",
-                          "threshold")
-        return self

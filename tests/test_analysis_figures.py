@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -121,14 +122,25 @@ def test_grad_histograms_from_downloaded_artifacts(study, tmp_path):
     assert figures.grad_histograms({}, tmp_path / "none").path is None
 
 
-def test_performance_profiles_need_two_problems(study, tmp_path):
-    _, trials, metrics, _ = study
+def _costs_on(n_problems: int, families=("sgd", "adam")) -> pd.DataFrame:
+    rows = [{"dataset": "d", "model": f"m{p}", "family": f, "grad_evals_to_target": 100.0 * (i + 1),
+             "time_s_to_target": 1.0 + p + i} for p in range(n_problems)
+            for i, f in enumerate(families)]
+    return pd.DataFrame(rows)
+
+
+def test_performance_profiles_are_drawn_only_over_enough_problems(study, tmp_path):
+    few = figures.MIN_PROFILE_PROBLEMS - 1
+    skipped = figures.performance_profiles(_costs_on(few), tmp_path / "few")
+    assert skipped.path is None and not (tmp_path / "few").exists()
+    assert f"at least {figures.MIN_PROFILE_PROBLEMS} problems" in skipped.reason
+    assert f"this study has {few}" in skipped.reason
+    drawn = figures.performance_profiles(_costs_on(figures.MIN_PROFILE_PROBLEMS), tmp_path)
+    _check_png(drawn)
+    assert drawn.n_series == 2 * 2  # grad evals and seconds, two families each
+    _, trials, metrics, _ = study   # the demo store: 2 problems, so not drawn
     cost = tables.cost_to_target_frame(trials, metrics)
-    result = figures.performance_profiles(cost, tmp_path)
-    _check_png(result)
-    assert result.n_series == 2 * N_FAMILIES
-    one = figures.performance_profiles(cost[cost["model"] == "mlp"], tmp_path / "one")
-    assert one.path is None and "at least 2 problems" in one.reason
+    assert "this study has 2" in figures.performance_profiles(cost, tmp_path / "demo").reason
 
 
 def test_profile_curve_matches_hand_computed_ratios():
@@ -146,3 +158,50 @@ def test_family_colours_are_fixed_and_distinct():
                ("sgd", "adam", "snr", "well_tempered", "kfac", "svrg", "gc")]
     assert len(set(colours)) == 7
     assert figures.family_color("new_family") == figures.family_color("new_family")
+
+
+def _keep_figures(monkeypatch) -> list:
+    """The figures the next drawing functions save (closed, but their artists stay)."""
+    kept, save = [], figures.save_png
+    monkeypatch.setattr(figures, "save_png", lambda fig, *a: kept.append(fig) or save(fig, *a))
+    return kept
+
+
+def _lines(fig):
+    return [line for ax in fig.axes for line in ax.get_lines()]
+
+
+def _two_sgd_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of every sgd row as a second variant (momentum) of the same family."""
+    twin = frame[frame["family"] == "sgd"].copy()
+    twin["variant"] = "momentum"
+    twin["arm"] = twin["arm"].str.replace("/default", "/momentum")
+    if "run_id" in twin:
+        twin["run_id"] = twin["run_id"] + "-m"
+    return pd.concat([frame, twin], ignore_index=True)
+
+
+def test_curve_figures_tell_variants_apart_by_line_style_and_mark_diverged_points(
+        study, tmp_path, monkeypatch):
+    _, trials, metrics, best = study
+    sgd = figures.family_color("sgd")
+    best = _two_sgd_variants(best)
+    best.loc[best["family"] == "svrg", "score"] = float("nan")  # as if every LR diverged
+    kept = _keep_figures(monkeypatch)
+    learning = figures.learning_curves(metrics, best, tmp_path)
+    variance = figures.variance_curves(metrics, best, tmp_path)
+    doubled = _two_sgd_variants(trials)
+    sensitivity = figures.lr_sensitivity(doubled, tmp_path)
+    for fig, result, per_problem in zip(kept, (learning, variance, sensitivity), (3, 2, None)):
+        lines = _lines(fig)
+        styles = {line.get_linestyle() for line in lines
+                  if line.get_color() == sgd and line.get_marker() != "x"}
+        assert {"-", "--"} <= styles   # one family, two variants: two line styles
+        marks = [line for line in lines if line.get_marker() == "x"]
+        assert all(line.get_linestyle() == "None" for line in marks)
+        n_points = sum(len(line.get_xdata()) for line in marks)
+        if per_problem:   # svrg's curve ends in an x in every panel it is drawn in
+            assert n_points == result.n_marked == N_PROBLEMS * per_problem
+            assert {line.get_color() for line in marks} == {figures.family_color("svrg")}
+        else:             # an x per diverged trial
+            assert n_points == result.n_marked == (doubled["status"] == C.DIVERGED).sum() > 0

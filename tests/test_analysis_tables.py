@@ -1,6 +1,7 @@
 """Result tables on a synthetic study whose answers are known by construction."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import tables
+from analysis import selection, stats, tables
 from analysis.load import load_tune
 from analysis.writer import Table, to_latex, to_markdown, write_table
 from study import contract as C
@@ -73,8 +74,7 @@ def test_best_lr_by_val_accuracy_skips_a_setting_with_a_diverged_seed():
     table = tables.best_lr_table(synthetic_trials(), "val_accuracy")
     sgd = _row(table.frame, family="sgd")
     assert sgd["best_lr"] == 0.1
-    assert sgd["val_accuracy"] == pytest.approx(0.82)
-    assert sgd["test_accuracy"] == pytest.approx(0.80)
+    assert sgd["val_accuracy (%)"] == 82.0 and sgd["test_accuracy (%)"] == 80.0  # percent
     assert (sgd["n_seeds"], sgd["n_lr"], sgd["n_diverged"]) == (2, 3, 1)
     adam = _row(table.frame, family="adam")
     assert adam["best_lr"] == 1e-3 and adam["n_lr"] == 3  # the errored LR is not in the grid
@@ -116,14 +116,34 @@ def test_final_accuracy_mean_and_sample_std_over_seeds():
     assert _row(final, family="adam")[tables.FINAL_COLUMN] == "86.0 ± 25.4"
 
 
-def test_tuneability_share_of_grid_within_tolerance():
-    frame = tables.tuneability_table(synthetic_trials(), tolerance=0.01).frame
+@pytest.mark.parametrize("replace", [False, True])
+def test_expected_best_of_k_draws_matches_an_exact_enumeration(replace):
+    """Every ordered draw of k grid points (with or without replacement) is equally likely:
+    the mean of their maxima is the truth; ties and an unsorted grid included."""
+    grid = [0.3, 0.9, 0.1, 0.9, 0.5]
+    for k in range(1, len(grid) + 1):
+        draws = (itertools.product(grid, repeat=k) if replace
+                 else itertools.permutations(grid, k))
+        truth = np.mean([max(d) for d in draws])
+        assert stats.expected_best_of_draws(grid, k, replace) == pytest.approx(truth, abs=1e-12)
+    assert stats.expected_best_of_draws(grid, 1) == pytest.approx(np.mean(grid))
+    assert stats.expected_best_of_draws(grid, len(grid)) == max(grid)
+    with pytest.raises(ValueError, match="6 draws without replacement from 5"):
+        stats.expected_best_of_draws(grid, 6)
+
+
+def test_tuneability_is_the_expected_best_after_k_random_lrs_in_percent():
+    frame = tables.tuneability_table(synthetic_trials()).frame
     adam, sgd = _row(frame, family="adam"), _row(frame, family="sgd")
-    assert (adam["n_lr"], adam["n_within"]) == (3, 2)
-    assert adam["share_within"] == pytest.approx(2 / 3)
-    assert (sgd["n_lr"], sgd["n_within"]) == (3, 1)  # the diverged LR counts as outside
-    wide = tables.tuneability_table(synthetic_trials(), tolerance=0.3).frame
-    assert _row(wide, family="adam")["n_within"] == 3
+    # adam's seed-mean val accuracy per LR: 61.0, 86.0, 85.2 (%); the errored LR is left out
+    assert adam["n_lr"] == 3 and adam["best of 1 (%)"] == pytest.approx(77.4)
+    assert adam["best of 2 (%)"] == pytest.approx(round((86 + 85.2 + 86) / 3, 1))
+    assert math.isnan(adam["best of 4 (%)"]) and adam["best of grid (%)"] == 86.0
+    assert adam["mean over budgets (%)"] == pytest.approx(round((77.4 + 257.2 / 3 + 86) / 3, 1))
+    # sgd: 71.0, 82.0 and the LR where a seed diverged, which scores 0
+    assert sgd["n_lr_diverged"] == 1 and sgd["best of 1 (%)"] == pytest.approx(51.0)
+    table = tables.tuneability_table(synthetic_trials())
+    assert "Sivaprasad et al. 2020" in table.title
 
 
 def test_cost_to_target_first_step_median_over_seeds_and_not_reached():
@@ -172,7 +192,7 @@ def test_stopped_trials_are_results_interrupted_and_running_ones_are_not():
     trials.loc[trials["run_id"] == "a4", "status"] = C.RUNNING
     best = tables.best_lr_table(trials).frame
     sgd, adam = _row(best, family="sgd"), _row(best, family="adam")
-    assert sgd["best_lr"] == 0.1 and sgd["val_accuracy"] == pytest.approx(0.82)
+    assert sgd["best_lr"] == 0.1 and sgd["val_accuracy (%)"] == 82.0
     assert adam["best_lr"] == 1e-2 and adam["n_lr"] == 2  # lr 1e-3 has no result left
     counts = tables.status_counts_table(trials).frame.set_index("family")
     assert counts.loc["adam", [C.INTERRUPTED, C.RUNNING]].tolist() == [1, 1]
@@ -300,3 +320,48 @@ def test_noise_scale_at_the_probe_cap_is_a_bound_not_a_measurement():
     uncapped = _row(tables.critical_batch_table(synthetic_trials(), synthetic_metrics()).frame,
                     family="sgd")
     assert uncapped["b_simple_median_tuned"] == 35.0 and uncapped["n_at_cap_tuned"] == 0
+
+
+def _loss_histories(curves: dict[str, list[float]], steps_per_epoch: int = 10) -> pd.DataFrame:
+    """train_loss and epoch logged at each epoch's last step, as trials log them."""
+    rows = []
+    for run_id, losses in curves.items():
+        for epoch, loss in enumerate(losses, start=1):
+            step = epoch * steps_per_epoch
+            rows += [(run_id, C.EPOCH, step, float(epoch)), (run_id, C.TRAIN_LOSS, step, loss)]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def test_selection_at_an_epoch_picks_the_lr_sngrad_would_where_the_final_loss_differs():
+    """lr 0.01 ends lowest (0.2 vs 0.4) but lr 0.1 leads after 2 epochs (0.8 vs 1.5): sngrad's
+    rule (lowest training loss after 2 epochs) picks 0.1, the final loss 0.01. A run stopped
+    before epoch 2 has no value there and is never picked."""
+    curves = {"s1": [2.0, 1.5, 0.2], "s2": [2.1, 1.4, 0.2], "s3": [1.2, 0.8, 0.4],
+              "s4": [1.1, 0.9, 0.4], "s5": [0.3]}
+    trials = pd.DataFrame([
+        _trial(r, "sgd", lr, seed, 0.5, 0.5, curve[-1], status)
+        for (r, curve), (lr, seed, status) in zip(curves.items(), [
+            (0.01, 0, "finished"), (0.01, 1, "finished"), (0.1, 0, "finished"),
+            (0.1, 1, "finished"), (1.0, 0, C.STOPPED)])])
+    metrics = _loss_histories(curves)
+    final = tables.best_lr_table(trials, C.TRAIN_LOSS)
+    assert _row(final.frame, family="sgd")["best_lr"] == 0.01
+    at_two = selection.with_selection_column(trials, metrics, "train_loss@2")
+    assert at_two.set_index("run_id")["train_loss@2"].to_dict() == pytest.approx(
+        {"s1": 1.5, "s2": 1.4, "s3": 0.8, "s4": 0.9, "s5": NAN}, nan_ok=True)
+    table = tables.best_lr_table(at_two, "train_loss@2")
+    assert _row(table.frame, family="sgd")["best_lr"] == 0.1
+    assert "min train_loss at epoch 2" in table.title
+    best = tables.best_settings(at_two, "train_loss@2")
+    assert best.iloc[0]["score"] == pytest.approx(0.85)
+
+
+def test_the_selection_comes_from_the_spec_and_bad_names_are_refused():
+    spec = "search: {metric: train_loss, mode: min, select: {metric: train_loss, epoch: 2}}"
+    assert selection.of_spec(spec) == "train_loss@2"
+    assert selection.of_spec("search: {metric: train_loss, mode: min}") == "train_loss"
+    assert selection.of_spec("search: {metric: grad_evals}") == "val_accuracy"
+    assert selection.of_spec(None) == "val_accuracy"
+    assert selection.describe("val_accuracy") == "max final val_accuracy"
+    with pytest.raises(ValueError, match="select='grad_evals@2'"):
+        selection.mode("grad_evals@2")

@@ -170,7 +170,31 @@ CASES = [
            "claims.0.params.y", "loss"),
           ("name not plain", {"name": "a/b"}, "claims.0.name", "a/b"),
       ]],
+    ("select on test data", "search.select", {"metric": "test_accuracy"},
+     "search.select.metric", "test_accuracy"),
+    ("select an unknown metric", "search.select", {"metric": "grad_evals"},
+     "search.select.metric", "grad_evals"),
+    ("select after the last epoch", "search.select", {"metric": "train_loss", "epoch": 3},
+     "search.select.epoch", "(got 3)"),
+    ("select at epoch 0", "search.select", {"metric": "train_loss", "epoch": 0},
+     "search.select.epoch", "0"),
+    ("select an unknown field", "search.select", {"metric": "train_loss", "mode": "min"},
+     "search.select.mode", "min"),
 ]
+
+
+def test_select_at_an_epoch_is_kept_and_needs_an_evaluated_epoch():
+    spec = parse_spec(broken("search.select", {"metric": "train_loss", "epoch": 2}))
+    assert spec.search.select.key() == "train_loss@2"
+    every_two = {**broken("search.select", {"metric": "val_loss", "epoch": 1}),
+                 "epochs": 4, "evaluate": {"every": 2}}
+    with pytest.raises(SpecError, match=r"search\.select\.epoch.*not an evaluated epoch"):
+        parse_spec(every_two)
+    no_val = broken("search", {"metric": "train_loss", "mode": "min",
+                               "select": {"metric": "val_accuracy"}})
+    no_val["dataset"]["val_fraction"] = 0
+    with pytest.raises(SpecError, match=r"search\.select\.metric.*validation split"):
+        parse_spec(no_val)
 
 
 def test_the_starting_spec_is_valid():

@@ -122,12 +122,12 @@ def test_conv1d(kw, bias, cin, path, monkeypatch):
     check(model, torch.randn(5, cin, 13), torch.randint(0, 3, (5,)))
 
 
-def test_conv_padding_same_uses_fallback():
+def test_conv_padding_same():
     model = nn.Sequential(nn.Conv2d(3, 4, 4, padding="same"), *head(4, 2))
     check(model, torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,)))
 
 
-def test_groupnorm_closed_form_and_layernorm_fallback():
+def test_groupnorm_and_layernorm_closed_forms():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(8),
                           nn.Linear(8, 3))

@@ -81,13 +81,14 @@ def test_report_folder_has_every_table_figure_and_summary(report):
             assert (out / "tables" / f"{table}.{ext}").exists(), (table, ext)
     pngs = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert pngs == sorted(["lr_sensitivity", "lr_bs_heatmaps", "learning_curves", "variance",
-                           "grad_histograms", "performance_profiles"])
+                           "grad_histograms"])  # 2 problems: no performance profiles
     summary = (out / "summary.csv").read_text().splitlines()
-    assert summary[0] == ("dataset,model,family,variant,batch_size,best_lr,edge,test_accuracy,"
-                          "train_loss,n_diverged")
+    assert summary[0] == ("dataset,model,family,variant,batch_size,best_lr,edge,"
+                          "test_accuracy (%),train_loss,n_diverged")
     assert len(summary) == 1 + len(store.MODELS) * len(store.FAMILIES) * 2
     md = (out / "index.md").read_text()
-    assert md.count("![") == 6 and "| mnist1d | mlp | adam |" in md
+    assert "Not drawn: performance profiles need at least 5 problems" in md
+    assert md.count("![") == 5 and "| mnist1d | mlp | adam |" in md
     assert md.startswith("# Study `demo`\n\n## Claims\n")
 
 
@@ -98,7 +99,7 @@ def test_index_html_is_self_contained_and_index_md_links_resolve(report):
     _, out = report
     parser = _Links()
     parser.feed((out / "index.html").read_text())
-    assert len(parser.images) == 6
+    assert len(parser.images) == 5  # no performance profiles over 2 problems
     for name, src in parser.images:
         mime, data = _data(src)
         assert mime == "image/png" and data[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -117,7 +118,7 @@ def test_index_html_is_self_contained_and_index_md_links_resolve(report):
     assert not re.search(r"""(?:src|href)=['"](?!data:|#)""", (out / "index.html").read_text())
     md = (out / "index.md").read_text()
     targets = re.findall(r"\]\(([^)]+)\)", md)
-    assert len(targets) == 6 + 1 + 3 + 3 * 8
+    assert len(targets) == 5 + 1 + 3 + 3 * 8  # 5 figures (no profiles)
     for target in targets:
         assert (out / target).is_file(), target
 
@@ -155,17 +156,18 @@ def test_parent_run_carries_best_metrics_description_and_best_csv(report):
         seeds = trials[(trials["model"] == row.model) & (trials["family"] == row.family)
                        & (trials["lr"] == row.lr) & (trials["batch_size"] == row.batch_size)]
         assert len(seeds) == row.n_seeds and row.n_seeds >= 1
-        for metric in ("val_accuracy", "test_accuracy"):
-            assert getattr(row, metric) == pytest.approx(seeds[metric].mean())
-            key = f"{C.BEST_PREFIX}{row.model}/{row.family}/{metric}"
-            assert metrics[key] == pytest.approx(seeds[metric].mean()), key
+        for metric in ("val_accuracy", "test_accuracy"):  # percent, one decimal
+            percent = pytest.approx(100 * seeds[metric].mean(), abs=0.05)
+            assert best.at[row.Index, f"{metric} (%)"] == percent
+            key = f"{C.BEST_PREFIX}{row.model}/{row.family}/{metric}_pct"
+            assert metrics[key] == percent, key
     note = parent.data.tags[C.TAG_NOTE]
     assert f"`{store.STUDY}`" in note and "mnist1d" in note
     assert "56 trials: 52 finished, 2 diverged, 2 errored" in note
     rows = [line for line in note.splitlines() if line.startswith("| ") and "family" not in line]
     assert len(rows) == len(best)
     sgd, want = next(r for r in rows if r.startswith("| mlp | sgd |")), by.loc[("mlp", "sgd")]
-    for cell in (f"{100 * want.val_accuracy:.2f}", f"{100 * want.test_accuracy:.2f}", "0.1",
+    for cell in (f"{want['val_accuracy (%)']:.1f}", f"{want['test_accuracy (%)']:.1f}", "0.1",
                  "32", "2"):
         assert f"| {cell} |" in sgd + "|", (cell, sgd)
     text = format_best(best).splitlines()
@@ -193,7 +195,7 @@ def test_images_load_in_headless_chromium(report, tmp_path):
         (out / "_check.html").unlink()
     match = re.search(r"images:(\d+);([^<]*)", done.stdout)
     assert match, f"no result in the dumped DOM; stderr: {done.stderr[-2000:]}"
-    assert int(match.group(1)) == 6
+    assert int(match.group(1)) == 5
     widths = dict(item.rsplit("=", 1) for item in match.group(2).split(";"))
     assert all(int(w) > 0 for w in widths.values()), widths
 
@@ -204,7 +206,7 @@ def test_tune_only_report_says_what_it_could_not_draw(tmp_path):
     md = (out / "index.md").read_text()
     assert "Ray Tune results" in md
     for reason in ("no grad_hist.json artifacts available", "no var/dir_var or var/dir_nvar",
-                   "at least 2 problems", "no var/noise_scale metrics"):
+                   "at least 5 problems", "no var/noise_scale metrics"):
         assert reason in md, reason
     assert sorted(p.stem for p in (out / "figures").glob("*.png")) == [
         "learning_curves", "lr_bs_heatmaps", "lr_sensitivity"]

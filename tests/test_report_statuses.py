@@ -24,6 +24,7 @@ TABLES = ("best_lr", "final_test_accuracy", "tuneability", "cost_to_target", "tr
           "critical_batch_size", "tuning_budget", "baseline_comparison")
 FIGURES = ("lr_sensitivity", "lr_bs_heatmaps", "learning_curves", "variance", "grad_histograms",
            "performance_profiles")
+DRAWN = FIGURES[:-1]   # the demo store has 2 problems: too few for performance profiles
 
 
 def all_lost(model, family, lr, batch_size, seed):
@@ -115,7 +116,7 @@ def test_a_study_whose_every_trial_was_stopped_early_reports_their_last_values(s
     uri, out, trials, metrics = stopped
     counts = _counts(out)
     assert (counts[C.STOPPED] == counts["total"]).all()
-    assert _figures(out) == sorted(FIGURES)
+    assert _figures(out) == sorted(DRAWN)
     best = best_per_family(out)
     assert len(best) == len(store.MODELS) * len(store.FAMILIES)
     assert (best.loc[best["family"] == "sgd", "lr"] == 0.1).all()
@@ -128,9 +129,10 @@ def test_a_study_whose_every_trial_was_stopped_early_reports_their_last_values(s
         runs = trials[(trials["model"] == row.model) & (trials["family"] == row.family)
                       & (trials["lr"] == row.lr) & (trials["batch_size"] == row.batch_size)]
         expected = last[runs["run_id"]].mean()
-        assert row.val_accuracy == pytest.approx(expected)
-        key = f"{C.BEST_PREFIX}{row.model}/{row.family}/val_accuracy"
-        assert metrics_on_parent[key] == pytest.approx(expected)
+        percent = pytest.approx(100 * expected, abs=0.05)   # one decimal
+        assert best.at[row.Index, "val_accuracy (%)"] == percent
+        key = f"{C.BEST_PREFIX}{row.model}/{row.family}/val_accuracy_pct"
+        assert metrics_on_parent[key] == percent
     final = pd.read_csv(out / "tables" / "final_test_accuracy.csv")
     assert sorted(set(final["family"])) == ["adam", "sgd", "svrg"]
     assert len(final) == len(store.MODELS) * len(store.FAMILIES)
@@ -164,3 +166,30 @@ def test_stopped_trials_are_results_interrupted_and_running_ones_are_not(tmp_pat
     assert at_128["n_lr"].tolist() == [2]  # the running trial's LR is not in the grid
     note = _parent(uri, trials).data.tags[C.TAG_NOTE]
     assert "8 stopped" in note and "4 interrupted" in note and "1 running" in note
+
+
+def test_the_report_selects_as_the_logged_spec_says_at_an_epoch(tmp_path):
+    """A sweep whose spec selects by train_loss after 2 epochs (sngrad): the report reads that
+    from the parent run's spec and each tuned LR is the lowest epoch-2 loss of its grid."""
+    spec = "search: {metric: train_loss, mode: min, select: {metric: train_loss, epoch: 2}}\n"
+    uri = store.build_store(tmp_path, with_hist=False, spec_text=spec)
+    out = make_report(store.STUDY, tracking_uri=uri, out_dir=tmp_path / "report")
+    assert "Best LR selected by `min train_loss at epoch 2`" in (out / "index.md").read_text()
+    best_lr = pd.read_csv(out / "tables" / "best_lr.csv")
+    assert "min train_loss at epoch 2" in (out / "tables" / "best_lr.md").read_text()
+    trials, metrics = load_mlflow(store.STUDY, uri)
+    epochs = metrics[(metrics["key"] == C.EPOCH) & (metrics["value"] == 2)]
+    loss = metrics[metrics["key"] == C.TRAIN_LOSS].merge(epochs[["run_id", "step"]])
+    at_two = trials.merge(loss[["run_id", "value"]], on="run_id")
+    unfinished = {tuple(k) for k in trials.loc[trials["status"] != C.FINISHED,
+                                                ["model", "family", "batch_size"]].to_numpy()}
+    checked = 0
+    for keys, part in at_two.groupby(["model", "family", "batch_size"]):
+        if keys in unfinished:
+            continue   # a grid with a diverged or errored trial: checked by other tests
+        means = part.groupby("lr")["value"].mean()
+        row = best_lr[(best_lr["model"] == keys[0]) & (best_lr["family"] == keys[1])
+                      & (best_lr["batch_size"] == keys[2])]
+        assert row["best_lr"].iloc[0] == means.idxmin(), keys
+        checked += 1
+    assert checked >= 8

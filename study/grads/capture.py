@@ -23,7 +23,9 @@ from study.grads.layer_types import kronecker_layers
 @dataclass
 class LayerRecord:
     module: nn.Module
-    a: torch.Tensor | None = None       # the layer's input (detached)
+    a: torch.Tensor | None = None       # the layer's (first) input (detached)
+    inputs: tuple = ()                  # all positional inputs (tensors detached)
+    kwargs: dict = field(default_factory=dict)  # keyword inputs (tensors detached)
     g: torch.Tensor | None = None       # d(scalar)/d(output) (detached), with output_grads
     output: torch.Tensor | None = None  # the output itself, with keep_outputs
     version: int = 0                    # output._version when recorded
@@ -54,13 +56,16 @@ def capture(model: nn.Module, modules: list[nn.Module] | None = None, *,
         modules = kronecker_layers(model)
     cap = Capture({m: LayerRecord(m) for m in modules})
 
-    def forward_hook(module, inputs, output):
+    def forward_hook(module, inputs, kwargs, output):
         if not isinstance(output, torch.Tensor):
             raise NotImplementedError(f"{type(module).__name__} returns "
                                       f"{type(output).__name__}, not one tensor")
         rec = cap.records[module]
         rec.calls += 1
-        rec.a = inputs[0].detach()
+        rec.inputs = tuple(_detached(t) for t in inputs)
+        rec.kwargs = {k: _detached(v) for k, v in kwargs.items()}
+        rec.a = next((t for t in (*rec.inputs, *rec.kwargs.values())
+                      if isinstance(t, torch.Tensor)), None)
         if keep_outputs:
             rec.output, rec.version = output, output._version
         if output_grads and output.requires_grad:
@@ -71,8 +76,12 @@ def capture(model: nn.Module, modules: list[nn.Module] | None = None, *,
     handles = []
     try:
         for m in modules:
-            handles.append(m.register_forward_hook(forward_hook))
+            handles.append(m.register_forward_hook(forward_hook, with_kwargs=True))
         yield cap
     finally:
         for h in handles:
             h.remove()
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value

@@ -17,6 +17,9 @@ weights, T output positions):
 Gram wins only when T²·(O+K+1) < 2·O·K (few positions, wide layers) and the second moment is
 not wanted; with the second moment (the default) the materialized form is always needed.
 Conv1d is treated as Conv2d with height 1 (``patches.as_conv2d``, ``patches.unfold``).
+Padding modes other than zeros (reflect, replicate, circular) and ``padding='same'`` pad
+the input as the module's forward does (``patches.pre_pad``), then unfold without padding
+(BackPACK and Opacus unfold with zeros whatever the mode: wrong for those).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from study.grads.layer import LayerStats, batch_chunks, positions_stats, record_materialized, wants
-from study.grads.patches import Conv2dGeometry, as_conv2d, unfold
+from study.grads.patches import Conv2dGeometry, as_conv2d, pre_pad, unfold
 
 GROUPED_MIN_CHANNELS = 8
 GROUPED_MIN_POSITIONS = 128
@@ -52,9 +55,11 @@ def conv_plan(batch: int, out_per_group: int, in_per_group: int, positions: int,
 def conv_stats(module: nn.Module, a: torch.Tensor, g: torch.Tensor,
                wanted: list[torch.Tensor], norms: bool, second_moment: bool = True,
                plan: str | None = None) -> LayerStats:
-    """Numeric zero padding only (``layer_types.conv_problem``); ``plan`` forces one."""
+    """Any padding (other modes and ``'same'`` are applied to ``a`` first: ``pre_pad``);
+    ``plan`` forces one."""
     out = LayerStats()
-    geometry, (a, g) = as_conv2d(module, a, g)
+    a, padded = pre_pad(module, a)
+    geometry, (a, g) = as_conv2d(module, a, g, padded=padded)
     batch, cout, groups = g.shape[0], g.shape[1], module.groups
     positions = g.shape[2] * g.shape[3]
     if wants(wanted, module.weight):

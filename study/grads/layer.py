@@ -29,11 +29,11 @@ class LayerStats:
 def record_materialized(out: LayerStats, param: torch.Tensor, per_example: torch.Tensor,
                         norms: bool, second_moment: bool = True) -> None:
     """Sum, sum of squares and per-example squared norms of gradients laid out as (B, ...)."""
-    _record_parts(out, param, [per_example.reshape(per_example.shape[0], -1)], norms,
+    record_parts(out, param, [per_example.reshape(per_example.shape[0], -1)], norms,
                   second_moment, inplace=False)
 
 
-def _record_parts(out: LayerStats, param: torch.Tensor, parts: list[torch.Tensor],
+def record_parts(out: LayerStats, param: torch.Tensor, parts: list[torch.Tensor],
                   norms: bool, second_moment: bool, inplace: bool) -> None:
     """The same for per-example gradients given as (B_i, P) chunks of the batch; ``inplace``
     squares the chunks in place (our own buffers)."""
@@ -83,7 +83,7 @@ def positions_stats(out: LayerStats, param: torch.Tensor, g: torch.Tensor,
             torch.matmul(g[sl], cols.transpose(-1, -2),
                          out=dst.view(len(dst), *g.shape[1:-1], cols.shape[-2]))
         parts.append(per)
-    _record_parts(out, param, parts, norms, second_moment, inplace=True)
+    record_parts(out, param, parts, norms, second_moment, inplace=True)
 
 
 def wants(wanted: list[torch.Tensor], param: torch.Tensor | None) -> bool:

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from study.grads.conv import conv_stats
+from study.grads.embedding import embedding_stats
 from study.grads.fallback import fallback_stats
 from study.grads.layer import LayerStats
-from study.grads.linear import linear_stats
-from study.grads.norm import groupnorm_stats, saved_statistics
+from study.grads.linear import bilinear_stats, linear_stats
+from study.grads.norm import groupnorm_stats, layernorm_stats, saved_layernorm, saved_statistics
 from study.grads.patches import conv_inputs, conv_output_grads, linear_inputs, linear_output_grads
 
 
@@ -33,10 +34,13 @@ class LayerKind:
     output_grads: Callable[..., torch.Tensor] | None = None
     """``g`` of the Kronecker factors, ``(g, *, channels_last)``."""
     conv: bool = False
-    """Unfolded like a convolution: needs numeric zero padding (``conv_problem``)."""
+    """Unfolded like a convolution: its Kronecker factors need numeric zero padding
+    (``conv_problem``; the per-example statistics pad other modes themselves)."""
     forward_saved: Callable[[nn.Module, torch.Tensor, int], Any] | None = None
     """Reads what the forward saved for the backward (before the backward frees it); the
     result goes to ``stats`` as ``saved=``."""
+    all_inputs: bool = False
+    """``stats`` gets every input of the forward as ``inputs=`` (tuple) and ``kwargs=``."""
 
 
 _CONV = LayerKind(conv_stats, conv_inputs, conv_output_grads, conv=True)
@@ -45,9 +49,12 @@ LAYERS: dict[type[nn.Module], LayerKind] = {
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
     nn.GroupNorm: LayerKind(groupnorm_stats, forward_saved=saved_statistics),
+    nn.LayerNorm: LayerKind(layernorm_stats, forward_saved=saved_layernorm),
+    nn.Embedding: LayerKind(embedding_stats),
+    nn.Bilinear: LayerKind(bilinear_stats, all_inputs=True),
 }
-FALLBACK = LayerKind(fallback_stats)
-"""Any other module with parameters: torch.func on that module alone."""
+FALLBACK = LayerKind(fallback_stats, all_inputs=True)
+"""Any other module with parameters: torch.func on that module alone, with all its inputs."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,10 @@ def conv_problem(module: nn.Module, grouped_ok: bool = True) -> str | None:
 
 
 def stats_kind(module: nn.Module) -> LayerKind:
-    """The entry whose handler computes the module's per-example statistics."""
+    """The entry whose handler computes the module's per-example statistics (convolutions
+    of every padding mode have one: ``patches.pre_pad``)."""
     kind = layer_kind(module)
-    if kind is None or (kind.conv and conv_problem(module) is not None):
+    if kind is None or getattr(module, "scale_grad_by_freq", False):
         return FALLBACK
     return kind
 

@@ -28,17 +28,30 @@ class Conv2dGeometry(NamedTuple):
     dilation: tuple[int, int]
 
 
-def as_conv2d(module: nn.Module, *tensors: torch.Tensor
+def as_conv2d(module: nn.Module, *tensors: torch.Tensor, padded: bool = False
               ) -> tuple[Conv2dGeometry, tuple[torch.Tensor, ...]]:
     """A Conv1d as the Conv2d of height 1 it equals: its geometry as 2-D pairs and its
-    (B, C, L) tensors as (B, C, 1, L). A Conv2d comes back unchanged."""
+    (B, C, L) tensors as (B, C, 1, L). A Conv2d comes back unchanged. ``padded``: the input
+    is already padded (``pre_pad``), the geometry gets no padding."""
+    padding = (0,) * len(module.kernel_size) if padded else tuple(module.padding)
     if len(module.kernel_size) == 1:
         geometry = Conv2dGeometry((1, *module.kernel_size), (1, *module.stride),
-                                  (0, *module.padding), (1, *module.dilation))
+                                  (0, *padding), (1, *module.dilation))
         return geometry, tuple(t.unsqueeze(2) for t in tensors)
-    geometry = Conv2dGeometry(tuple(module.kernel_size), tuple(module.stride),
-                              tuple(module.padding), tuple(module.dilation))
+    geometry = Conv2dGeometry(tuple(module.kernel_size), tuple(module.stride), padding,
+                              tuple(module.dilation))
     return geometry, tensors
+
+
+def pre_pad(module: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The input padded exactly as the module's forward pads it where the geometry cannot
+    say it (padding modes other than zeros, ``padding='same'``): ``(padded, True)``;
+    otherwise ``(a, False)``. The per-example gradient is then that of a padding-free
+    convolution of the padded input, whatever the mode (reflect, replicate, circular)."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return a, False
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(a, module._reversed_padding_repeated_twice, mode=mode), True
 
 
 def unfold(x: torch.Tensor, geometry: Conv2dGeometry, *, ones: bool = False,

@@ -9,8 +9,11 @@ weight-gradient sum therefore costs what the plain backward would have spent on 
 the statistics add only their own products (Linear: one more matmul of the weight's size).
 
 Handlers, one module per layer type (BackPACK style), looked up in ``layer_types.LAYERS``:
-``linear`` (factorized), ``conv`` (unfold + batched matmul), ``norm`` (GroupNorm, closed
-form), ``fallback`` (torch.func on that module alone: LayerNorm, embeddings, custom layers).
+``linear`` (factorized; Bilinear as the Linear of x1⊗x2), ``conv`` (unfold + batched
+matmul, any padding mode), ``norm`` (GroupNorm and LayerNorm, closed form), ``embedding``
+(coalesced rows, never a dense vocabulary-sized gradient per example), ``fallback``
+(torch.func on that module alone, with all its inputs: custom layers; when no module has a
+closed form, torch.func over the whole model instead, which then costs less).
 Examples must be independent through the network (no train-mode BatchNorm), and each
 parameterized module must run once per forward (no weight sharing across calls).
 """
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from study.grads.capture import Capture, capture
+from study.grads.fallback import fallback_stats, whole_model_stats
 from study.grads.layer_types import stats_kind
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -75,6 +79,10 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
     params = [p for p in model.parameters() if p.requires_grad] if params is None \
         else list(params)
     owners = _owners(model, params)
+    if owners and all(stats_kind(m).stats is fallback_stats for m in owners):
+        loss, sums, sum_sq, norms_sq = whole_model_stats(model, loss_fn, x, y, params, norms,
+                                                         second_moment)
+        return BatchStats(loss, x.shape[0], sums, sum_sq, norms_sq if norms else None)
     with capture(model, list(owners), output_grads=False, keep_outputs=True) as cap:
         raw = loss_fn(model(x), y)
     n = x.shape[0]
@@ -94,6 +102,9 @@ def batch_stats(model: nn.Module, loss_fn: Callable, batch, params: Iterable[tor
             handler = kinds[m].stats
             if m in saved:
                 handler = partial(handler, saved=saved[m])
+            if kinds[m].all_inputs:
+                handler = partial(handler, inputs=cap.records[m].inputs,
+                                  kwargs=cap.records[m].kwargs)
             layer = handler(m, cap.records[m].a, g, owners[m], norms, second_moment)
             for p in owners[m]:
                 results[p] = (layer.sums[p], layer.sum_sqs.get(p))
