@@ -40,7 +40,7 @@ def test_families_loads_plugin_files(tmp_path, capsys):
 
 def test_validate_prints_the_trial_count(capsys):
     assert main(["validate", str(ROOT / "search_spaces" / "default.yaml")]) == 0
-    assert "240 trials (grid search)" in capsys.readouterr().out
+    assert "300 trials (grid search)" in capsys.readouterr().out
 
 
 def _image_spec(tmp_path, root: Path) -> Path:
