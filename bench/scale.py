@@ -1,0 +1,214 @@
+"""Flat at scale: what a trial costs besides its training, at 200 and at 2,000 trials.
+
+A study of tiny trials (sine2d, 400 training examples, an MLP 2-8-2, plain SGD at 10 learning
+rates x N/10 seeds, 1 epoch, no variance measurement: each trial trains for milliseconds) runs
+through the product's sweep (``study.tune.run_study``: MLflow sqlite child runs, Tune reports,
+checkpoints, the lean experiment state, the trial-status callback) on a simulated multi-node
+Ray cluster (``ray.cluster_utils.Cluster``: a head with no CPUs for trials, ``--nodes`` worker
+nodes of ``--cpus`` CPUs each), once per size in ``--trials``, one cluster for all. Per trial:
+
+- **driver**: the sweep's wall time / trials (trials run ``nodes x cpus`` at once) and the
+  driver process's CPU seconds / trials (Tune's controller loop, its callbacks, the driver's
+  MLflow calls), with the number of experiment-state snapshots Tune wrote and their time;
+- **MLflow**: on the driver, the time of its per-trial calls (``settle`` in ``TrialOutcomes``);
+  in the trials, what each logs as ``overhead/startup_s`` (its run created or found, the
+  model built) and ``overhead/log_s`` (metric writes), and the run's wall time (start to end);
+- **storage**: the experiment-state file, the Tune folder and the study's ``trials/`` folder,
+  bytes per trial, and the sqlite store's bytes per trial.
+
+Target: each per-trial figure at the largest size <= 1.2x the one at the smallest.
+
+    .venv/bin/python bench/scale.py [--trials 200,2000] [--nodes 2] [--cpus 1] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LRS = [0.02 * (i + 1) for i in range(10)]
+TARGET = 1.2
+
+
+def bench_spec(trials: int):
+    """``trials`` tiny trials: 10 learning rates x trials/10 seeds."""
+    from study.spec import parse_spec
+
+    return parse_spec({
+        "name": f"scale{trials}",
+        "dataset": {"name": "sine2d", "size": 500, "val_fraction": 0.2},
+        "models": [{"name": "mlp", "widths": [8]}],
+        "epochs": 1, "seeds": list(range(max(1, trials // len(LRS)))), "lr": LRS,
+        "batch_size": [100], "families": {"sgd": {"variants": ["plain"]}},
+        "search": {"kind": "grid", "metric": "val_accuracy", "mode": "max",
+                   "max_trials": max(trials, 10000)},
+        "measure": {"points": 0}, "resources": {"cpu": 1}, "max_failures": 0,
+    })
+
+
+class Timed:
+    """Calls and seconds of a wrapped driver-side function."""
+
+    def __init__(self):
+        self.calls, self.seconds = 0, 0.0
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls += 1
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
+def instrument() -> dict[str, Timed]:
+    """Count the driver's experiment-state snapshots and its per-trial MLflow calls."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    import study.tune
+
+    timers = {"snapshot": Timed(), "settle": Timed()}
+    TuneController.save_to_dir = timers["snapshot"].wrap(TuneController.save_to_dir)
+    study.tune.settle = timers["settle"].wrap(study.tune.settle)
+    return timers
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def from_store(uri: str, study: str) -> dict[str, float]:
+    """Seconds per trial run, read back: wall (start to end) and the logged phases."""
+    from mlflow.tracking import MlflowClient
+
+    from study import contract as C
+    from study.tracking import children
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`{C.TAG_KIND}` = '{C.KIND_STUDY}'")
+    runs = children(uri, exp.experiment_id, parent.info.run_id)
+    total = {"run_wall_s": 0.0, "training_s": 0.0}
+    phases = ("startup", "data", "eval", "checkpoint", "report", "log")
+    total.update({f"{p}_s": 0.0 for p in phases})
+    for run in runs:
+        m = run.data.metrics
+        total["run_wall_s"] += (run.info.end_time - run.info.start_time) / 1000
+        total["training_s"] += m.get(C.TIME_S, 0.0)
+        for p in phases:
+            total[f"{p}_s"] += m.get(f"{C.OVERHEAD_PREFIX}{p}_s", 0.0)
+    return {k: v / len(runs) for k, v in total.items()}
+
+
+def run_size(trials: int, work: Path, timers: dict[str, Timed]) -> dict[str, float]:
+    from study.tune import run_study
+
+    spec = bench_spec(trials)
+    n = spec.num_trials()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    for t in timers.values():
+        t.calls, t.seconds = 0, 0.0
+    cpu, start = time.process_time(), time.perf_counter()
+    result = run_study(spec, storage=str(work / "results"), tracking_uri=uri)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert result.statuses.get("finished") == n, result.statuses
+    folder = work / "results" / spec.name
+    states = sorted(folder.glob("experiment_state*.json"))
+    out = {"trials": n, "wall_s": wall, "driver_s": wall / n, "driver_cpu_s": cpu / n,
+           "snapshots": timers["snapshot"].calls, "snapshot_s": timers["snapshot"].seconds / n,
+           "driver_mlflow_s": timers["settle"].seconds / n,
+           "state_kb": states[-1].stat().st_size / n / 1e3,
+           "tune_folder_kb": folder_bytes(folder) / n / 1e3,
+           "trials_folder_kb": folder_bytes(folder / "trials") / n / 1e3,
+           "mlflow_db_kb": (work / "mlflow.db").stat().st_size / n / 1e3,
+           "load_avg": os.getloadavg()[0]}
+    out.update(from_store(uri, spec.name))
+    out["trial_mlflow_s"] = out["log_s"]
+    return out
+
+
+ROWS = [("wall_s", "sweep wall time, s", "{:.0f}"), ("driver_s", "wall / trial, s", "{:.3f}"),
+        ("driver_cpu_s", "driver CPU / trial, s", "{:.3f}"),
+        ("snapshots", "experiment-state snapshots", "{:.0f}"),
+        ("snapshot_s", "snapshot time / trial, s", "{:.4f}"),
+        ("driver_mlflow_s", "driver MLflow / trial, s", "{:.4f}"),
+        ("run_wall_s", "trial run wall (MLflow start-end), s", "{:.3f}"),
+        ("training_s", "of it training, s", "{:.3f}"),
+        ("startup_s", "of it start-up (run created), s", "{:.3f}"),
+        ("report_s", "of it Tune reports, s", "{:.3f}"),
+        ("checkpoint_s", "of it checkpoints, s", "{:.3f}"),
+        ("log_s", "of it MLflow writes, s", "{:.3f}"),
+        ("state_kb", "experiment state / trial, KB", "{:.2f}"),
+        ("tune_folder_kb", "Tune folder / trial, KB", "{:.1f}"),
+        ("trials_folder_kb", "trials/ folder / trial, KB", "{:.3f}"),
+        ("mlflow_db_kb", "MLflow db / trial, KB", "{:.1f}"),
+        ("load_avg", "1-min load average at the end", "{:.1f}")]
+PER_TRIAL = {"driver_s", "driver_cpu_s", "snapshot_s", "driver_mlflow_s", "run_wall_s",
+             "startup_s", "report_s", "checkpoint_s", "log_s", "state_kb", "tune_folder_kb",
+             "trials_folder_kb", "mlflow_db_kb"}
+
+
+def show(figures: dict[int, dict[str, float]]) -> None:
+    sizes = sorted(figures)
+    small, large = figures[sizes[0]], figures[sizes[-1]]
+    print(f"| per trial | {' | '.join(str(s) for s in sizes)} | {sizes[-1]}/{sizes[0]} |")
+    print("|---|" + "---|" * (len(sizes) + 1))
+    for key, label, fmt in ROWS:
+        ratio = ""
+        if key in PER_TRIAL and small[key] > 0:
+            r = large[key] / small[key]
+            ratio = f"{r:.2f}x" + (" ok" if r <= TARGET else " OVER")
+        cells = " | ".join(fmt.format(figures[s][key]) for s in sizes)
+        print(f"| {label} | {cells} | {ratio} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", default="200,2000", help="study sizes, comma-separated")
+    ap.add_argument("--nodes", type=int, default=2, help="worker nodes of the cluster")
+    ap.add_argument("--cpus", type=int, default=1, help="CPUs declared per worker node")
+    ap.add_argument("--json", help="write the figures to this file")
+    args = ap.parse_args()
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="gs-scale-", dir="/tmp"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                             os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                      "temp_dir": str(tmp / "ray")})
+    for _ in range(args.nodes):
+        cluster.add_node(num_cpus=args.cpus)
+    ray.init(address=cluster.address, log_to_driver=False)
+    timers = instrument()
+    figures: dict[int, dict[str, float]] = {}
+    try:
+        for trials in (int(s) for s in args.trials.split(",")):
+            work = tmp / f"n{trials}"
+            work.mkdir()
+            figures[trials] = run_size(trials, work, timers)
+            print(f"{trials} trials: {figures[trials]['wall_s']:.0f} s", flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"{args.nodes} worker nodes x {args.cpus} CPU (head: none) on {os.cpu_count()} cores")
+    show(figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
