@@ -7,8 +7,9 @@ checkpoints, the lean experiment state, the trial-status callback) on a simulate
 Ray cluster (``ray.cluster_utils.Cluster``: a head with no CPUs for trials, ``--nodes`` worker
 nodes of ``--cpus`` CPUs each), once per size in ``--trials``, one cluster for all. Per trial:
 
-- **driver**: the sweep's wall time / trials (trials run ``nodes x cpus`` at once) and the
-  driver process's CPU seconds / trials (Tune's controller loop, its callbacks, the driver's
+- **driver**: the sweep's wall time / trials (trials run ``nodes x cpus`` at once; also the
+  trials' span, first run's start to last run's end / trials) and the driver process's CPU
+  seconds / trials (Tune's controller loop, its callbacks, the driver's
   MLflow calls), with the number of experiment-state snapshots Tune wrote and their time;
 - **MLflow**: on the driver, the time of its per-trial calls (``settle`` in ``TrialOutcomes``);
   in the trials, what each logs as ``overhead/startup_s`` (its run created or found, the
@@ -16,9 +17,11 @@ nodes of ``--cpus`` CPUs each), once per size in ``--trials``, one cluster for a
 - **storage**: the experiment-state file, the Tune folder and the study's ``trials/`` folder,
   bytes per trial, and the sqlite store's bytes per trial.
 
-Target: each per-trial figure at the largest size <= 1.2x the one at the smallest.
+Target: each per-trial figure at the largest size <= 1.2x the one at the smallest. The
+smallest runs before and after the largest by default and counts their mean, so a machine
+whose load changes during the bench (this one is shared) biases neither side.
 
-    .venv/bin/python bench/scale.py [--trials 200,2000] [--nodes 2] [--cpus 1] [--json FILE]
+    .venv/bin/python bench/scale.py [--trials 200,2000,200] [--nodes 2] [--cpus 1] [--json FILE]
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -101,13 +105,16 @@ def from_store(uri: str, study: str) -> dict[str, float]:
     total = {"run_wall_s": 0.0, "training_s": 0.0}
     phases = ("startup", "data", "eval", "checkpoint", "report", "log")
     total.update({f"{p}_s": 0.0 for p in phases})
-    for run in runs:
+    ended = [run for run in runs if run.info.end_time is not None]
+    span = (max(r.info.end_time for r in ended) - min(r.info.start_time for r in ended)) / 1000
+    for run in ended:
         m = run.data.metrics
         total["run_wall_s"] += (run.info.end_time - run.info.start_time) / 1000
         total["training_s"] += m.get(C.TIME_S, 0.0)
         for p in phases:
             total[f"{p}_s"] += m.get(f"{C.OVERHEAD_PREFIX}{p}_s", 0.0)
-    return {k: v / len(runs) for k, v in total.items()}
+    out = {k: v / len(ended) for k, v in total.items()}
+    return {**out, "span_s": span / len(ended), "runs_not_ended": len(runs) - len(ended)}
 
 
 def run_size(trials: int, work: Path, timers: dict[str, Timed]) -> dict[str, float]:
@@ -137,6 +144,7 @@ def run_size(trials: int, work: Path, timers: dict[str, Timed]) -> dict[str, flo
 
 
 ROWS = [("wall_s", "sweep wall time, s", "{:.0f}"), ("driver_s", "wall / trial, s", "{:.3f}"),
+        ("span_s", "first trial start -> last end / trial, s", "{:.3f}"),
         ("driver_cpu_s", "driver CPU / trial, s", "{:.3f}"),
         ("snapshots", "experiment-state snapshots", "{:.0f}"),
         ("snapshot_s", "snapshot time / trial, s", "{:.4f}"),
@@ -152,7 +160,7 @@ ROWS = [("wall_s", "sweep wall time, s", "{:.0f}"), ("driver_s", "wall / trial, 
         ("trials_folder_kb", "trials/ folder / trial, KB", "{:.3f}"),
         ("mlflow_db_kb", "MLflow db / trial, KB", "{:.1f}"),
         ("load_avg", "1-min load average at the end", "{:.1f}")]
-PER_TRIAL = {"driver_s", "driver_cpu_s", "snapshot_s", "driver_mlflow_s", "run_wall_s",
+PER_TRIAL = {"driver_s", "span_s", "driver_cpu_s", "snapshot_s", "driver_mlflow_s", "run_wall_s",
              "startup_s", "report_s", "checkpoint_s", "log_s", "state_kb", "tune_folder_kb",
              "trials_folder_kb", "mlflow_db_kb"}
 
@@ -164,7 +172,7 @@ def show(figures: dict[int, dict[str, float]]) -> None:
     print("|---|" + "---|" * (len(sizes) + 1))
     for key, label, fmt in ROWS:
         ratio = ""
-        if key in PER_TRIAL and small[key] > 0:
+        if key in PER_TRIAL and small[key] >= 1e-3:     # not sub-millisecond noise
             r = large[key] / small[key]
             ratio = f"{r:.2f}x" + (" ok" if r <= TARGET else " OVER")
         cells = " | ".join(fmt.format(figures[s][key]) for s in sizes)
@@ -175,7 +183,8 @@ def show(figures: dict[int, dict[str, float]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", default="200,2000", help="study sizes, comma-separated")
+    ap.add_argument("--trials", default="200,2000,200",
+                    help="study sizes in order, comma-separated (a repeated size: its mean)")
     ap.add_argument("--nodes", type=int, default=2, help="worker nodes of the cluster")
     ap.add_argument("--cpus", type=int, default=1, help="CPUs declared per worker node")
     ap.add_argument("--json", help="write the figures to this file")
@@ -195,20 +204,24 @@ def main() -> None:
         cluster.add_node(num_cpus=args.cpus)
     ray.init(address=cluster.address, log_to_driver=False)
     timers = instrument()
-    figures: dict[int, dict[str, float]] = {}
+    runs: dict[int, list[dict]] = {}
     try:
-        for trials in (int(s) for s in args.trials.split(",")):
-            work = tmp / f"n{trials}"
+        for i, trials in enumerate(int(s) for s in args.trials.split(",")):
+            work = tmp / f"{i}-n{trials}"
             work.mkdir()
-            figures[trials] = run_size(trials, work, timers)
-            print(f"{trials} trials: {json.dumps(figures[trials])}", flush=True)
+            runs.setdefault(trials, []).append(run_size(trials, work, timers))
+            print(f"{trials} trials: {json.dumps(runs[trials][-1])}", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print(f"{args.nodes} worker nodes x {args.cpus} CPU (head: none) on {os.cpu_count()} cores")
+    # a size run more than once (200,2000,200: before and after the other) counts its mean
+    figures = {n: {k: (statistics.mean(r[k] for r in rs) if k != "statuses" else
+                       [r[k] for r in rs]) for k in rs[0]} for n, rs in runs.items()}
+    print(f"{args.nodes} worker nodes x {args.cpus} CPU (head: none) on {os.cpu_count()} cores; "
+          f"sizes in this order: {args.trials}")
     show(figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
+        Path(args.json).write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

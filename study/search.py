@@ -115,7 +115,9 @@ class LeanTrialState(Callback):
     the progress table and ``TrialOutcomes`` read (result.json, written before, keeps
     everything), and Tune's running
     statistics of every metric of every trial (min/max/avg/last-5/last-10; ~0.6 KB a metric,
-    never read here: the analysis reads MLflow) are dropped after each step."""
+    never read here: the analysis reads MLflow) are dropped after each step, for the trials
+    that had a result or a checkpoint in it (all of them at the first step, which may follow
+    a restore): O(1) per event, not O(trials) per step."""
 
     def __init__(self, spec: Spec):
         from ray.tune.result import (
@@ -131,12 +133,25 @@ class LeanTrialState(Callback):
                                NODE_IP, PID, "config",     # read by the progress table
                                C.RUN_ID_KEY, C.EPOCH, C.DIVERGED_FLAG, spec.search.metric,
                                *TABLE_METRICS})
+        self._touched: set | None = None       # None: every trial (the first step)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_touched": None}   # Tune pickles its callbacks with the Tuner
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._trim(result)             # in place: Tune's last_result is this dict
+        self._touch(trial)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self._touch(trial)
+
+    def _touch(self, trial) -> None:
+        if self._touched is not None:
+            self._touched.add(trial)
 
     def on_step_end(self, iteration, trials, **info):
-        for trial in trials:
+        touched, self._touched = (trials if self._touched is None else self._touched), set()
+        for trial in touched:
             meta = getattr(trial, "run_metadata", None)
             if meta is None:
                 continue
