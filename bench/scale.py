@@ -26,9 +26,11 @@ whose load changes during the bench (this one is shared) biases neither side.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -117,7 +119,8 @@ def from_store(uri: str, study: str) -> dict[str, float]:
     return {**out, "span_s": span / len(ended), "runs_not_ended": len(runs) - len(ended)}
 
 
-def run_size(trials: int, work: Path, timers: dict[str, Timed]) -> dict[str, float]:
+def run_size(trials: int, work: Path, timers: dict[str, Timed],
+             profile: bool = False) -> dict[str, float]:
     from study.tune import run_study
 
     spec = bench_spec(trials)
@@ -125,9 +128,21 @@ def run_size(trials: int, work: Path, timers: dict[str, Timed]) -> dict[str, flo
     uri = f"sqlite:///{work / 'mlflow.db'}"
     for t in timers.values():
         t.calls, t.seconds = 0, 0.0
+    profiler = cProfile.Profile() if profile else None
     cpu, start = time.process_time(), time.perf_counter()
+    if profiler:
+        profiler.enable()
     result = run_study(spec, storage=str(work / "results"), tracking_uri=uri)
+    if profiler:
+        profiler.disable()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if profiler:   # where the driver's time goes, per trial: what grows with the study
+        print(f"driver profile, {n} trials (ms per trial, own time):")
+        stats = pstats.Stats(profiler)
+        top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
+        for (file, line, fn), (_, calls, own, _ct, _) in top:
+            print(f"  {1e3 * own / n:7.2f} {calls / n:9.1f} calls  {fn} "
+                  f"({Path(file).name}:{line})")
     folder = work / "results" / spec.name
     states = sorted(folder.glob("experiment_state*.json"))
     out = {"trials": n, "wall_s": wall, "driver_s": wall / n, "driver_cpu_s": cpu / n,
@@ -187,6 +202,8 @@ def main() -> None:
                     help="study sizes in order, comma-separated (a repeated size: its mean)")
     ap.add_argument("--nodes", type=int, default=2, help="worker nodes of the cluster")
     ap.add_argument("--cpus", type=int, default=1, help="CPUs declared per worker node")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the driver: its top functions per trial at each size")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
 
@@ -209,7 +226,7 @@ def main() -> None:
         for i, trials in enumerate(int(s) for s in args.trials.split(",")):
             work = tmp / f"{i}-n{trials}"
             work.mkdir()
-            runs.setdefault(trials, []).append(run_size(trials, work, timers))
+            runs.setdefault(trials, []).append(run_size(trials, work, timers, args.profile))
             print(f"{trials} trials: {json.dumps(runs[trials][-1])}", flush=True)
     finally:
         ray.shutdown()
