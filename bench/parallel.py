@@ -31,6 +31,7 @@ one GPU (resources.gpu 0.25) against one trial at a time holding it (gpu 1) (tar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -107,8 +108,13 @@ def run_plain(args: tuple, processes: int) -> tuple[float, float]:
     return wall, max(end for _, end in spans) - min(begin for begin, _ in spans)
 
 
-def run_ray(spec, workdir: Path) -> tuple[float, float]:
-    """(wall seconds of the whole study incl. Ray start-up, first trial start -> last end)."""
+STAGES = ("to parent run (store, data, Ray start)", "parent run -> first trial run",
+          "trials' span", "last trial run -> parent's end", "parent's end -> Ray shut down")
+
+
+def run_ray(spec, workdir: Path, stages: list | None = None) -> tuple[float, float]:
+    """(wall seconds of the whole study incl. Ray start-up, first trial start -> last end);
+    ``stages`` gets the seconds of each of STAGES (from the runs' MLflow times)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -116,17 +122,23 @@ def run_ray(spec, workdir: Path) -> tuple[float, float]:
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     workdir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, t0 = time.perf_counter(), time.time()
     try:
         result = run_study(spec, None, storage=str(workdir / "results"), tracking_uri=uri)
     finally:
         ray.shutdown()
     wall = time.perf_counter() - start
     assert result.statuses.get("finished") == spec.num_trials(), result.statuses
-    runs = MlflowClient(uri).search_runs([result.experiment_id],
-                                         f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
-    return wall, span
+    client = MlflowClient(uri)
+    runs = client.search_runs([result.experiment_id],
+                              f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    parent = client.get_run(result.parent_run_id).info
+    first = min(r.info.start_time for r in runs) / 1e3
+    last = max(r.info.end_time for r in runs) / 1e3
+    marks = [t0, parent.start_time / 1e3, first, last, parent.end_time / 1e3, t0 + wall]
+    if stages is not None:
+        stages.append([b - a for a, b in itertools.pairwise(marks)])
+    return wall, last - first
 
 
 def trials_per_hour(spec, workdir: Path) -> float:
@@ -141,6 +153,8 @@ def report(f: dict) -> None:
                        ("ray", "ray study, 2 workers")):
         print(f"| {label} | {f[way + '_s']:.1f} | {f[way + '_steady_s']:.1f} | "
               f"{n / f[way + '_s'] * 3600:.0f} |")
+    print("the ray study's wall time: " + ", ".join(f"{k} {v:.1f} s"
+                                                    for k, v in f["ray_stages_s"].items()))
     print(f"ray / two processes (throughput): {f['ray_vs_two']:.3f} end to end, "
           f"{f['ray_vs_two_steady']:.3f} steady (target >= 0.90)")
     print(f"speedup over the loop: ray {f['speedup']:.2f}x, two processes "
@@ -178,11 +192,12 @@ def main() -> None:
 
     walls: dict[str, list[float]] = {k: [] for k in ("loop", "two", "ray")}
     steady: dict[str, list[float]] = {k: [] for k in walls}
+    stages: list[list[float]] = []
     for rep in range(args.repeats):
         order = list(walls) if rep % 2 == 0 else list(reversed(walls))
         for way in order:
             if way == "ray":
-                wall, span = run_ray(spec, tmp / f"ray{rep}")
+                wall, span = run_ray(spec, tmp / f"ray{rep}", stages)
             else:
                 wall, span = run_plain(spec_args, 1 if way == "loop" else 2)
             walls[way].append(wall)
@@ -193,6 +208,7 @@ def main() -> None:
          **{f"{k}_s": statistics.median(v) for k, v in walls.items()},
          **{f"{k}_steady_s": statistics.median(v) for k, v in steady.items()}}
     f["ray_trials_span_s"] = f["ray_steady_s"]
+    f["ray_stages_s"] = dict(zip(STAGES, map(statistics.median, zip(*stages))))
     f["ray_vs_two"] = f["two_s"] / f["ray_s"]
     f["ray_vs_two_steady"] = f["two_steady_s"] / f["ray_steady_s"]
     f["speedup"] = f["loop_s"] / f["ray_s"]
