@@ -27,6 +27,12 @@ one GPU (resources.gpu 0.25) against one trial at a time holding it (gpu 1) (tar
 
     .venv/bin/python bench/parallel.py [--trial-seconds 30] [--trials 4] [--repeats 1]
         [--json FILE]
+
+Measured (this 2-core machine under other jobs' load, --trial-seconds 15, 4 trials of ~17 s):
+ray / two processes 0.69 (--repeats 2) and 0.71 end to end, 0.84 and 0.89 steady; two
+processes 1.30x and 1.14x the loop, ray 0.89x and 0.81x. The study's ~20 s start (6.7 s to
+its parent run: MLflow store, data, Ray; 12.3 s to its first trial run: Tune, workers
+importing torch and MLflow's store) is what misses the target (README, Benchmarks).
 """
 from __future__ import annotations
 
