@@ -8,7 +8,6 @@ resumes), so everything here that Tune keeps is a module-level class holding pla
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 from typing import Any
 
 from ray.tune import Callback
@@ -42,28 +41,33 @@ class OptunaSpace:
         trial.suggest_categorical("seed", self.seeds)
 
 
+GRID_KEY = "grid_point"      # a grid trial's "<index>:<arm>", Tune's grid axis
+
+
 class GridPoint:
-    """A grid trial's point, looked up by its index (``trial_index``, Tune's grid axis) when
-    Tune adds the trial. Tune deep-copies its unresolved search space for every trial it
-    generates (all at once, when the study starts): with the points as the grid's values
-    that copied n of them per trial, O(n^2) in the study (5 ms a trial at 2,000 trials);
-    a list of ints copies in a fraction of that."""
+    """A grid trial's point, looked up by its index (``GRID_KEY``) when Tune adds the trial.
+    Tune deep-copies its unresolved search space for every trial it generates (all at once,
+    when the study starts): with the points as the grid's values that copied n of them per
+    trial, O(n^2) in the study (5 ms a trial at 2,000 trials); a list of short strings
+    copies in a fraction of that. The arm in the key names the trial's folder before Tune
+    has looked its point up."""
 
     def __init__(self, points: list[dict[str, Any]]):
         self.points = points
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        return self.points[config["trial_index"]]
+        return self.points[int(config[GRID_KEY].split(":", 1)[0])]
 
 
 def searcher(spec: Spec):
     """(search algorithm or None, param_space, num_samples) for ``spec.search``. A grid
-    trial's config holds its point under ``trial`` (and its index, ``trial_index``)."""
+    trial's config holds its point under ``trial`` (and its key, ``GRID_KEY``)."""
     from ray import tune
 
     if spec.search.kind == "grid":
         points = spec.trials()
-        return None, {"trial_index": tune.grid_search(list(range(len(points)))),
+        keys = [f"{i}:{p['arm']}" for i, p in enumerate(points)]
+        return None, {GRID_KEY: tune.grid_search(keys),
                       "trial": tune.sample_from(GridPoint(points))}, 1
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -100,7 +104,7 @@ def new_tuner(spec: Spec, fn, storage_path: str, callbacks: list):
             scheduler=scheduler(spec), num_samples=num_samples,
             max_concurrent_trials=spec.resources.max_concurrent,
             reuse_actors=True,  # a fresh worker costs seconds of imports per trial
-            trial_dirname_creator=TrialDirname(spec)),
+            trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage_path, verbose=1, progress_reporter=reporter(spec),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -202,22 +206,13 @@ def reporter(spec: Spec):
                        sort_by_metric=True, max_progress_rows=12, max_error_rows=5)
 
 
-class TrialDirname:
-    """``trial_dirname`` for a grid trial, whose point Tune has not looked up yet when it
-    names the trial's folder: the arm by the trial's index."""
-
-    def __init__(self, spec: Spec):
-        self.arms = [p["arm"] for p in spec.trials()] if spec.search.kind == "grid" else []
-
-    def __call__(self, trial) -> str:
-        index = trial.config.get("trial_index")
-        if isinstance(index, int) and index < len(self.arms):
-            return trial_dirname(SimpleNamespace(config={"arm": self.arms[index]},
-                                                 trial_id=trial.trial_id))
-        return trial_dirname(trial)
-
-
 def trial_dirname(trial) -> str:
-    cfg: dict[str, Any] = trial.config.get("trial", trial.config)
-    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(cfg.get("arm", "trial")))
+    """``<arm>_<trial id>``; a grid trial's arm from its key (its point is looked up after)."""
+    key = trial.config.get(GRID_KEY)
+    if isinstance(key, str):
+        arm = key.split(":", 1)[1]
+    else:
+        cfg = trial.config.get("trial", trial.config)
+        arm = cfg.get("arm", "trial") if isinstance(cfg, dict) else "trial"
+    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", str(arm))
     return f"{label}_{trial.trial_id}"[:120]
