@@ -23,15 +23,13 @@ whose load changes during the bench (this one is shared) biases neither side.
 
     .venv/bin/python bench/scale.py [--trials 200,2000,200] [--nodes 2] [--cpus 1] [--json FILE]
 
-Measured (2 worker nodes x 1 CPU, load average 6-8 from other jobs; 52 s for 200 trials, 502 s
-for 2,000): wall / trial 0.261 -> 0.251 s (0.96x), experiment state 6.13 KB / trial (1.00x),
-Tune folder 10.8 -> 10.7 KB / trial, trials/ 32 B / trial; driver CPU 46 -> 70 ms / trial
-(1.51x; snapshots 1.7 -> 3.7 ms of it: O(trials) each, Tune's automatic period keeps them
-under 5% of the wall time), driver MLflow 16 -> 20 ms, trial runs 255 -> 324 ms (their
-training, the same work, 1.39x slower: the machine's load). Before (commit 8d59ff4, 200 and
-1,000 trials): wall / trial 0.299 -> 0.583 s (1.95x), driver CPU 103 -> 311 ms (3.0x), one
-snapshot of the whole state per trial (its last-epoch checkpoint forced it:
-CheckpointConfig(num_to_keep=1)), 17.8 -> 84.2 ms / trial (4.7x).
+Measured (2 worker nodes x 1 CPU, load average 2-4; 33 s for 200 trials, 205 s for 2,000):
+wall / trial 0.167 -> 0.102 s (0.61x), driver CPU 53 -> 48 ms (0.91x), snapshots 1.2 -> 1.4 ms
+(1.17x), driver MLflow 13.7 -> 11.9 ms, trial runs 145 -> 122 ms, experiment state 5.54 ->
+5.55 KB, Tune folder 9.9 KB, trials/ 32 B a trial: every ratio within 1.2x. Before
+(commit 8d59ff4, 200 and 1,000 trials, load 9-25): wall / trial 0.299 -> 0.583 s (1.95x),
+driver CPU 103 -> 311 ms (3.0x), one snapshot of the whole state per trial (its last-epoch
+checkpoint forced it: CheckpointConfig(num_to_keep=1)), 17.8 -> 84.2 ms / trial (4.7x).
 """
 from __future__ import annotations
 
