@@ -42,6 +42,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # this checkout's study/, not an installed one
 
 
 def bench_spec(epochs: int, data_root: Path, size: int, trials: int = 4, gpu: float = 0.0,
