@@ -7,9 +7,14 @@ in batches (flushed at checkpoints and at the end, and under ASHA before each Tu
 trial ASHA stops in its report keeps what it logged); checkpoints are taken every
 ``checkpoint.every_s`` seconds, not every epoch, as Tune checkpoints (so Tune's record of a
 resumed trial continues where its state does), of which Tune keeps the last
-(``CheckpointConfig(num_to_keep=1)``). Tune gets a result (a round trip through the driver
-that the trial waits for) at evaluated epochs (results carry the search metric): with each
-checkpoint, at most one a second in between, and every one under ASHA.
+(``CheckpointConfig(num_to_keep=1)``). The state ``run_trial`` hands over at the last epoch
+becomes a checkpoint only when that period is over too: a finished trial is not resumed once
+Tune's state says so (a kill before that repeats at most the period), and Tune snapshots its
+whole experiment state at every checkpoint (``num_to_keep=1``): a checkpoint per trial of
+short trials made that O(trials) per trial (bench/scale.py). Tune gets a result (a round
+trip through the driver that the trial waits for) at evaluated epochs (results carry the
+search metric): with each checkpoint, at the trial's last epoch (what ``TrialOutcomes``
+reads), at most one a second in between, and every one under ASHA.
 """
 from __future__ import annotations
 
@@ -69,13 +74,19 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
     tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
     scheduled = spec.scheduler.kind != "none"   # ASHA's rungs are epochs; it may end the trial
     reported, last_report = False, -REPORT_EVERY_S                  # in any report
+    saved_at = time.monotonic()
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        nonlocal reported, last_report
+        nonlocal reported, last_report, saved_at
         histograms = metrics.pop("histograms", None)
+        last = (metrics.get(C.EPOCH, 0) >= spec.epochs or metrics.get(C.DIVERGED_FLAG)
+                or metrics.get(C.REACHED_TARGET))
+        if last and time.monotonic() - saved_at < spec.checkpoint.every_s:
+            state = None               # the trial's end, its period not over: no checkpoint
+        saved_at = time.monotonic() if state is not None else saved_at
         to_tune = spec.search.metric in metrics and (   # an evaluated epoch, and
-            scheduled or time.monotonic() - last_report >= REPORT_EVERY_S)
-        if state is not None or (to_tune and scheduled):
+            scheduled or last or time.monotonic() - last_report >= REPORT_EVERY_S)
+        if state is not None or (to_tune and scheduled) or histograms:
             with phases.timed("log"):
                 run.flush()
                 if histograms:

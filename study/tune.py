@@ -32,8 +32,10 @@ from study.tracking import (
     check_reachable,
     check_sqlite_file,
     children,
+    client_for,
     find_trial_run,
     finish_parent,
+    log_dataset,
     mark_interrupted,
     open_store,
     resolve_uri,
@@ -115,6 +117,7 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
         store.write_state({"parent_run_id": parent, "experiment_id": exp_id,
                            "tracking_uri": uri, "spec_hash": fingerprint})
         mark_interrupted(uri, exp_id, parent)   # left running by a sweep that was killed
+        _declare_dataset(spec, uri, parent)
         tuner = _tuner(spec, store, uri, exp_id, parent)
         with _quiet_ray_hints(), _own_sigint():
             tuner.fit()
@@ -130,6 +133,15 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
                                 for r in children(uri, exp_id, parent)))
     out.seconds = time.monotonic() - started
     return out
+
+
+def _declare_dataset(spec: Spec, uri: str, parent: str) -> None:
+    """The study's dataset as an input of the parent run, before any trial starts: the store
+    then holds the experiment's dataset record, which trials starting at once would
+    otherwise each try to create (seen: a trial failing on the sqlite store's unique key)."""
+    from study.trainable import dataset_identity
+
+    log_dataset(client_for(uri), parent, **dataset_identity(spec.dataset), context="study")
 
 
 def _tuner(spec: Spec, store: Storage, uri: str, exp_id: str, parent: str):

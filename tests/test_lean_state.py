@@ -1,0 +1,66 @@
+"""``LeanTrialState`` trims what Tune keeps per trial, O(1) per event: after the first step
+(every trial: it may follow a restore) only the trials a result or checkpoint touched."""
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+from study.search import LeanTrialState
+
+
+class Meta:
+    """The parts of Tune's per-trial run metadata the callback touches."""
+
+    def __init__(self, kept: list[dict] | None = None):
+        self.metric_analysis, self.metric_n_steps = {"loss": {"avg": 1.0}}, {"loss": {"5": 1}}
+        self.checkpoint_manager = SimpleNamespace(
+            _checkpoint_results=[SimpleNamespace(metrics=m) for m in kept or []])
+        self.invalidated = 0
+
+    def invalidate_cache(self) -> None:
+        self.invalidated += 1
+
+
+class Trial:
+    """Hashable, as Tune's trials are (by identity here)."""
+
+    def __init__(self):
+        self.run_metadata = Meta([{"epoch": 1, "extra": 2}])
+
+
+def trials(n: int) -> list[Trial]:
+    return [Trial() for _ in range(n)]
+
+
+def callback() -> LeanTrialState:
+    return LeanTrialState(SimpleNamespace(search=SimpleNamespace(metric="val_accuracy")))
+
+
+def test_the_first_step_trims_every_trial_then_only_those_touched():
+    lean, all_trials = callback(), trials(3)
+    lean.on_step_end(0, all_trials)
+    for t in all_trials:
+        assert t.run_metadata.metric_analysis == {} and t.run_metadata.invalidated == 1
+        assert t.run_metadata.checkpoint_manager._checkpoint_results[0].metrics == {"epoch": 1}
+
+    for t in all_trials:                       # Tune fills its statistics again
+        t.run_metadata.metric_analysis = {"loss": {"avg": 2.0}}
+    result = {"epoch": 2, "val_accuracy": 0.5, "train_batch_loss": 0.1}
+    lean.on_trial_result(1, all_trials, all_trials[1], result)
+    assert result == {"epoch": 2, "val_accuracy": 0.5}, "the result is trimmed in place"
+    lean.on_step_end(1, all_trials)
+    assert [t.run_metadata.metric_analysis == {} for t in all_trials] == [False, True, False]
+
+    lean.on_checkpoint(2, all_trials, all_trials[2], checkpoint=None)
+    lean.on_step_end(2, all_trials)
+    assert [t.run_metadata.metric_analysis == {} for t in all_trials] == [False, True, True]
+    lean.on_step_end(3, all_trials)            # nothing touched: nothing visited
+    assert all_trials[0].run_metadata.metric_analysis == {"loss": {"avg": 2.0}}
+
+
+def test_pickled_with_the_tuner_it_forgets_the_trials_it_had_seen():
+    lean, all_trials = callback(), trials(2)
+    lean.on_step_end(0, all_trials)
+    lean.on_trial_result(1, all_trials, all_trials[0], {"epoch": 1})
+    restored = pickle.loads(pickle.dumps(lean))
+    assert restored._touched is None and restored.keep == lean.keep
