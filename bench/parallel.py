@@ -28,11 +28,11 @@ one GPU (resources.gpu 0.25) against one trial at a time holding it (gpu 1) (tar
     .venv/bin/python bench/parallel.py [--trial-seconds 30] [--trials 4] [--repeats 1]
         [--json FILE]
 
-Measured (this 2-core machine under other jobs' load, --trial-seconds 15, 4 trials of ~17 s):
-ray / two processes 0.69 (--repeats 2) and 0.71 end to end, 0.84 and 0.89 steady; two
-processes 1.30x and 1.14x the loop, ray 0.89x and 0.81x. The study's ~20 s start (6.7 s to
-its parent run: MLflow store, data, Ray; 12.3 s to its first trial run: Tune, workers
-importing torch and MLflow's store) is what misses the target (README, Benchmarks).
+Measured (this 2-core machine, shared: not settled): quiet, two processes 39.3 s against the
+loop's 72.3 s (1.84x); at load 0.3 -> 5.5, --repeats 2: ray / two processes 1.00 end to end,
+1.22 steady, both slower than the loop (96.8 s) as the load rose. The study's fixed start:
+13.1 s to its parent run (MLflow store, data, Ray), 17.3 s to its first trial run (Tune,
+workers importing torch and MLflow's store) (README, Benchmarks).
 """
 from __future__ import annotations
 
