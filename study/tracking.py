@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RETRY_S = 900.0   # how long a trial waits for its tracking server before it fails
 TRANSIENT = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
              "REQUEST_LIMIT_EXCEEDED"}
+DUPLICATE_KEY = ("UNIQUE constraint failed", "UniqueViolation")   # sqlite, PostgreSQL
 POOL_TIMEOUT = "/3o7r"   # in the link SQLAlchemy puts in its message (sqlalche.me/e/<v>/3o7r)
 
 
@@ -307,4 +308,13 @@ def log_dataset(client: MlflowClient | Patient, run_id: str, name: str, digest: 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
-    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException as err:
+        # MLflow looks the dataset up, then inserts it: two trials starting together in an
+        # experiment both insert, and the second fails on the key (its transaction rolled
+        # back). Once more, the lookup finds the first one's record.
+        if not any(mark in str(err) for mark in DUPLICATE_KEY):
+            raise
+        client.log_inputs(run_id, inputs)
