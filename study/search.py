@@ -153,8 +153,9 @@ class LeanTrialState(Callback):
 
         self.keep = frozenset({DONE, SHOULD_CHECKPOINT, TRAINING_ITERATION, TIME_TOTAL_S,
                                NODE_IP, PID, "config",     # read by the progress table
-                               C.RUN_ID_KEY, C.EPOCH, C.DIVERGED_FLAG, spec.search.metric,
-                               *TABLE_METRICS})
+                               # read by TrialOutcomes to settle a trial's status
+                               C.RUN_ID_KEY, C.EPOCH, C.DIVERGED_FLAG, C.REACHED_TARGET,
+                               spec.search.metric, *TABLE_METRICS})
         self._touched: set | None = None       # None: every trial (the first step)
 
     def __getstate__(self):

@@ -64,3 +64,25 @@ def test_pickled_with_the_tuner_it_forgets_the_trials_it_had_seen():
     lean.on_trial_result(1, all_trials, all_trials[0], {"epoch": 1})
     restored = pickle.loads(pickle.dumps(lean))
     assert restored._touched is None and restored.keep == lean.keep
+
+
+def test_a_trial_that_reached_its_target_stays_finished_after_trimming(tmp_path):
+    """The driver settles a trial from Tune's last result, which LeanTrialState trims: a trial
+    that ended early at its spec's stop target must still read as finished, not stopped (seen
+    in critical_batch: 28 of 35 trials marked stopped)."""
+    from study import contract as C
+    from study.tracking import client_for, open_store, study_parent
+    from study.tune import TrialOutcomes
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = open_store(uri, "lean")
+    parent = study_parent(uri, experiment, "lean", None, {}, {})
+    run_id = client_for(uri).create_run(experiment, tags={C.TAG_STATUS: C.FINISHED}).info.run_id
+    result = {C.RUN_ID_KEY: run_id, C.EPOCH: 3, C.DIVERGED_FLAG: 0, C.REACHED_TARGET: 1,
+              "val_accuracy": 0.9, "train_loss": 0.1, "extra": 1.0}
+    trial = Trial()
+    callback().on_trial_result(0, [trial], trial, result)
+    assert "extra" not in result
+    trial.last_result = result
+    TrialOutcomes(uri, experiment, parent, epochs=20, storage={}).on_trial_complete(0, [], trial)
+    assert client_for(uri).get_run(run_id).data.tags[C.TAG_STATUS] == C.FINISHED
