@@ -203,11 +203,10 @@ def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: s
     return found[0] if found else None
 
 
-def settle(uri: str, run_id: str, status: str, current: str | None = None,
-           client: MlflowClient | Patient | None = None) -> None:
+def settle(uri: str, run_id: str, status: str, current: str | None = None) -> None:
     """Give a trial run its final status tag and the MLflow run status that goes with it
     (written only when it changes, so a run's end time stays the trial's own)."""
-    client = client or client_for(uri)
+    client = client_for(uri)
     if current is None:
         current = client.get_run(run_id).data.tags.get(C.TAG_STATUS)
     if current != status:
