@@ -151,12 +151,14 @@ def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg,
 
 def dataset_identity(dataset: DatasetSpec) -> dict[str, str]:
     """Name, digest and source of the study's data for MLflow's dataset inputs: the digest is
-    of the settings that generate / select it (same settings, same examples)."""
+    of the settings that generate / select it (same settings, same examples; where the files
+    are and whether they may be downloaded do not change them)."""
     import hashlib
 
     # options at their defaults are left out, so the digest stays what it was before they existed
     unset = {k for k in ("test_label_noise", "fresh", "augment") if not getattr(dataset, k)}
-    digest = hashlib.sha256(dataset.model_dump_json(exclude=unset).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(dataset.model_dump_json(exclude=unset | {"root", "download"})
+                            .encode()).hexdigest()[:10]
     size = f"-{dataset.size}" if dataset.size else ""
     return {"name": f"{dataset.name}{size}", "digest": digest,
             "source": str(Path(dataset.root).resolve() / dataset.name)}
