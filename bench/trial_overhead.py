@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PHASES = ("startup", "data", "eval", "checkpoint", "report", "log")
 VARIANTS = {"default": {}, "checkpoint every epoch": {"checkpoint": {"every_s": 0}},
-            "evaluate every 2": {"evaluate": {"every": 2}}}
+            "train metrics on all": {"evaluate": {"every": 1}},
+            "evaluate every 2": {"evaluate": {"every": 2, "train_examples": 1000}}}
 
 
 def split(uri: str, study: str) -> dict[str, float]:

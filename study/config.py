@@ -33,6 +33,7 @@ class TrialConfig:
     stop: StopSpec | None = None      # end at the first epoch that reaches this target
     checkpoint_every_s: float = 0.0   # seconds between checkpoints (0 = every epoch)
     eval_every: int = 1               # epochs between evaluations (the last always evaluates)
+    eval_train_examples: int | None = None   # training metrics over this fixed sample (None: all)
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for the trial's MLflow run (options as ``opt.*``, model options
@@ -42,4 +43,6 @@ class TrialConfig:
                "seed": self.seed, "epochs": self.epochs, "dataset": self.dataset.name}
         out.update({f"opt.{k}": v for k, v in self.options.items()})
         out.update({f"model.{k}": v for k, v in self.model_options.items()})
+        if self.eval_train_examples is not None:
+            out["eval.train_examples"] = self.eval_train_examples
         return out

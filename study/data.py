@@ -83,6 +83,15 @@ class DataSplit:
         data (a new block of examples) and augmentation (new crops) override it."""
         return self
 
+    def sample(self, n: int | None) -> DataSplit:
+        """``n`` of its examples (as stored) as a split of their own: a fixed sample, independent
+        of any trial's seed, so every trial of a study evaluates the same ones; itself when
+        ``n`` is None or not below its size."""
+        if n is None or n >= len(self):
+            return self
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(54321))
+        return DataSplit.batch(self, perm[:n].to(self.device)).split()
+
     def hold_out(self, n_val: int) -> tuple[DataSplit, DataSplit]:
         """(the rest, ``n_val`` validation examples): a fixed permutation, independent of any
         trial's seed, so every trial of a study holds out the same examples."""

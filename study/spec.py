@@ -285,7 +285,8 @@ class Spec(Strict):
             model_options=dict(point.get("model_options", {})),
             options=dict(point.get("options", {})), plugins=tuple(self.plugins),
             threads=max(1, int(self.resources.cpu)), gpu=self.resources.gpu, stop=self.stop,
-            checkpoint_every_s=self.checkpoint.every_s, eval_every=self.evaluate.every)
+            checkpoint_every_s=self.checkpoint.every_s, eval_every=self.evaluate.every,
+            eval_train_examples=self.evaluate.train_examples)
 
     def trials(self) -> list[dict[str, Any]]:
         """The full grid: arms × lr (per family) × batch size × seed."""

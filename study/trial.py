@@ -147,6 +147,7 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         parts = _Parts(config, train, test, device)
         c = parts.restore(state, phases)
     model, opt, probe = parts.model, parts.opt, parts.probe
+    train_eval = train.sample(config.eval_train_examples)   # what the training metrics read
     if c.initial_loss is None:
         with phases.timed("eval"):
             c.initial_loss = evaluate(model, train)[0]
@@ -157,7 +158,7 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         losses = _train_epoch(config, parts, train, c, log)
         last = (c.epoch >= config.epochs or c.diverged
                 or (stop_after is not None and c.epoch >= stop_after))
-        splits = (train, val, test) if last or c.epoch % config.eval_every == 0 else ()
+        splits = (train_eval, val, test) if last or c.epoch % config.eval_every == 0 else ()
         with phases.timed("eval"):
             metrics = _epoch_metrics(model, opt, splits, c, losses)
         c.reached_target = config.stop is not None and config.stop.reached(metrics)

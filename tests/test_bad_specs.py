@@ -102,6 +102,8 @@ CASES = [
     ("ASHA reduction factor 1", "scheduler", {"kind": "asha", "reduction_factor": 1},
      "scheduler.reduction_factor", "1"),
     ("negative measure interval", "measure", {"every": -5}, "measure.every", "-5"),
+    ("no training examples to evaluate", "evaluate", {"train_examples": 0},
+     "evaluate.train_examples", "0"),
     ("negative max_failures", "max_failures", -1, "max_failures", "-1"),
     ("bad name characters", "name", "my study!", "name", "my study!"),
     ("plugin that does not import", "plugins", ["no_such_plugin_mod"], "plugins",

@@ -133,3 +133,44 @@ def test_evaluation_every_k_epochs_and_always_the_last(tmp_path):
     assert some[-1][0]["test_accuracy"] == full[-1][0]["test_accuracy"]
     for key, value in full[-1][1]["model"].items():
         assert torch.equal(value, some[-1][1]["model"][key]), key
+
+
+def test_training_metrics_over_a_fixed_sample_of_the_training_split(tmp_path):
+    """``evaluate.train_examples: 100``: train_loss / train_accuracy are those of 100 stored
+    training examples (a float64 loop over them, one at a time, with the trial's last
+    weights), the same 100 whatever the global seed; training, val and test are unchanged."""
+    from study.data import input_shape, num_classes
+    from study.models import build_model
+    from study.trial import load_splits
+
+    spec = tiny_spec(tmp_path)
+    sampled = tiny_spec(tmp_path, evaluate={"train_examples": 100})
+    config = sampled.trial_config(sampled.trials()[0])
+    assert config.params()["eval.train_examples"] == 100
+    full, report = collect()
+    run_trial(spec.trial_config(spec.trials()[0]), report=report)
+    some, report = collect()
+    run_trial(config, report=report)
+    metrics, state = some[-1]
+    assert metrics["test_accuracy"] == full[-1][0]["test_accuracy"]
+    assert metrics["val_loss"] == full[-1][0]["val_loss"]
+
+    train, _, test = load_splits(config.dataset)
+    torch.manual_seed(99)
+    sample = train.sample(100)
+    assert torch.equal(sample.x, train.sample(100).x) and len(sample) == 100
+    rows = {tuple(r.tolist()) for r in train.x.flatten(1)}
+    assert len({tuple(r.tolist()) for r in sample.x.flatten(1)} & rows) == 100
+    model = build_model(config.model, input_shape(train), num_classes(train, test),
+                        **config.model_options)
+    model.load_state_dict(state["model"])
+    model = model.double()
+    losses, correct = [], 0
+    with torch.no_grad():
+        for x, y in zip(sample.x.double(), sample.y):
+            logits = model(x[None])[0]
+            losses.append(float(torch.logsumexp(logits, 0) - logits[y]))
+            correct += int(logits.argmax() == y)
+    assert metrics["train_loss"] == pytest.approx(math.fsum(losses) / 100, rel=1e-5)
+    assert metrics["train_accuracy"] == correct / 100
+    assert abs(full[-1][0]["train_loss"] - metrics["train_loss"]) > 1e-3   # not the whole split
