@@ -11,7 +11,8 @@ measuring: (wall − time_s − measure_s) / wall, summed over the study's trial
         runs the default study's trial loop for a few arms (--families, one lr each, both
         models, every batch size, its 20 epochs) as small real sweeps, side by side in one run
         (one Ray runtime, interleaved --reps times): the default settings, a checkpoint every
-        epoch (checkpoint.every_s 0) and evaluation every 2nd epoch (evaluate.every 2)
+        epoch (checkpoint.every_s 0), the training metrics over the whole training split
+        (no evaluate.train_examples) and evaluation every 2nd epoch (evaluate.every 2)
     .venv/bin/python bench/trial_overhead.py --store sqlite:///mlflow.db --study NAME
         [--results results/NAME]   reads a sweep already run (``make sweep``), any version:
         stores without overhead/* give the training / measuring / overhead split only
