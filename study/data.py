@@ -89,14 +89,17 @@ class DataSplit:
         ``n`` is None or not below its size."""
         if n is None or n >= len(self):
             return self
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(54321))
-        return DataSplit.batch(self, perm[:n].to(self.device)).split()
+        return self.batch(self._fixed_order(54321)[:n]).split()
+
+    def _fixed_order(self, seed: int) -> torch.Tensor:
+        """A permutation of its indices that depends on ``seed`` alone (no trial's seed)."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return perm.to(self.device)
 
     def hold_out(self, n_val: int) -> tuple[DataSplit, DataSplit]:
         """(the rest, ``n_val`` validation examples): a fixed permutation, independent of any
         trial's seed, so every trial of a study holds out the same examples."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(12345))
-        perm = perm.to(self.device)
+        perm = self._fixed_order(12345)
         return self.batch(perm[n_val:]).split(), self.batch(perm[:n_val]).split()
 
 

@@ -138,3 +138,13 @@ def test_stored_sine2d_trial_runs(tmp_path):
     spec = tiny_sine2d(tmp_path, label_noise=0.1)
     metrics = run_trial(spec.trial_config(spec.trials()[0]))
     assert metrics["iteration"] == 4 * (1800 // 100) and metrics["test_accuracy"] > 0.6
+
+
+def test_a_generated_training_split_samples_the_examples_its_stored_block_holds():
+    """``evaluate.train_examples`` on fresh data: the training split is generated when
+    gathered (it holds no tensors); its fixed sample is the same examples as the sample of
+    that block stored (before the fix: AttributeError, the sample read ``x`` directly)."""
+    generated = GeneratedSplit(300, block=TRAIN_BLOCK).sample(40)
+    stored = sine2d(300, TRAIN_BLOCK).sample(40)
+    assert len(generated) == 40
+    assert torch.equal(generated.x, stored.x) and torch.equal(generated.y, stored.y)
