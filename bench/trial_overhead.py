@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PHASES = ("startup", "data", "eval", "checkpoint", "report", "log")
 VARIANTS = {"default": {}, "checkpoint every epoch": {"checkpoint": {"every_s": 0}},
-            "train metrics on all": {"evaluate": {"every": 1}},
-            "evaluate every 2": {"evaluate": {"every": 2, "train_examples": 1000}}}
+            "train metrics on all": {"evaluate": {"train_examples": None}},
+            "evaluate every 2": {"evaluate": {"every": 2}}}   # each over the default's sections
 
 
 def split(uri: str, study: str) -> dict[str, float]:
@@ -101,7 +101,9 @@ def bench_spec(families: list[str], variant: dict, data_root: Path):
         grid = default.lr_grid(name)
         family["lr"] = [grid[len(grid) // 2]]
     raw["dataset"]["root"] = str(data_root)
-    return parse_spec({**raw, **variant, "name": "overhead"})
+    changed = {section: {**(raw.get(section) or {}), **values}
+               for section, values in variant.items()}
+    return parse_spec({**raw, **changed, "name": "overhead"})
 
 
 def side_by_side(args) -> dict[str, dict[str, float]]:
