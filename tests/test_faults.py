@@ -78,7 +78,11 @@ def test_lost_worker_node_trials_finish_elsewhere_from_checkpoints(tmp_path, sho
         Node.all_processes = {}
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     spec = parse_spec(spec_dict("lostnode", tmp_path, epochs=5, lr=[0.02, 0.04, 0.06, 0.08],
-                                families={"faulty": {"options": {"sleep_s": 0.15}}}))
+                                families={"faulty": {"options": {"sleep_s": 0.15}}},
+                                # every epoch a checkpoint: "epoch 2 logged" then implies the
+                                # epoch-1 checkpoint was reported (with the default period the
+                                # node could go while the first checkpoint was being written)
+                                checkpoint={"every_s": 0}))
     uri = spec.tracking.uri
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 0, "temp_dir": str(short_tmp)})
@@ -98,7 +102,8 @@ def test_lost_worker_node_trials_finish_elsewhere_from_checkpoints(tmp_path, sho
                 _, runs = trial_runs(uri, "lostnode")
             except (AttributeError, MlflowException):  # store or experiment not created yet
                 continue
-            # epoch >= 2 logged: a checkpoint of epoch >= 1 was reported (logging precedes it)
+            # epoch >= 2 logged: the checkpoint of epoch 1 was reported (metrics are flushed to
+            # MLflow just before each checkpoint is reported, and every epoch checkpoints here)
             mid_way = [r for r in runs if r.data.tags.get("status") == "running"
                        and 2 <= r.data.metrics.get("epoch", 0) <= spec.epochs - 2]
             victim = next((n for n in nodes if any(r.data.tags.get("node_id") == n.node_id
