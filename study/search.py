@@ -7,6 +7,7 @@ resumes), so everything here that Tune keeps is a module-level class holding pla
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -135,11 +136,12 @@ class LeanTrialState(Callback):
     """Tune rewrites its whole experiment state at every snapshot; keep each trial's share
     small and flat. A trial's last result (and its kept checkpoint's copy) keeps what Tune,
     the progress table and ``TrialOutcomes`` read (result.json, written before, keeps
-    everything), and Tune's running
+    everything; of the result's copy of the config, the table's columns), and Tune's running
     statistics of every metric of every trial (min/max/avg/last-5/last-10; ~0.6 KB a metric,
     never read here: the analysis reads MLflow) are dropped after each step, for the trials
-    that had a result or a checkpoint in it (all of them at the first step, which may follow
-    a restore): O(1) per event, not O(trials) per step."""
+    that had an event in it (all of them at the first step, which may follow a restore):
+    O(1) per event, not O(trials) per step. Tune caches each trial's JSON indented by two
+    spaces (a seventh of it whitespace); the cached texts are stored compact instead."""
 
     def __init__(self, spec: Spec):
         from ray.tune.result import (
@@ -156,6 +158,7 @@ class LeanTrialState(Callback):
                                # read by TrialOutcomes to settle a trial's status
                                C.RUN_ID_KEY, C.EPOCH, C.DIVERGED_FLAG, C.REACHED_TARGET,
                                spec.search.metric, *TABLE_METRICS})
+        self.config_keys = list(table_params(spec))   # what the table shows of a config
         self._touched: set | None = None       # None: every trial (the first step)
 
     def __getstate__(self):
@@ -167,6 +170,11 @@ class LeanTrialState(Callback):
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self._touch(trial)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._touch(trial)             # a status change: Tune's cached JSON is written again
+
+    on_trial_restore = on_trial_complete = on_trial_error = on_trial_recover = on_trial_start
 
     def _touch(self, trial) -> None:
         if self._touched is not None:
@@ -184,24 +192,54 @@ class LeanTrialState(Callback):
             for kept in getattr(meta.checkpoint_manager, "_checkpoint_results", ()):
                 if self._trim(kept.metrics):
                     meta.invalidate_cache()
+            if hasattr(trial, "_state_json") and hasattr(meta, "_cached_json"):
+                trial._state_json = _compact(trial.get_json_state()[0])
+                meta._cached_json = _compact(meta.get_json_state())
 
     def _trim(self, result: dict) -> bool:
         extra = [k for k in result if k not in self.keep]
         for key in extra:
             del result[key]
+        config = result.get("config")
+        if isinstance(config, dict):
+            shown = _only(config, self.config_keys)
+            if shown != config:
+                result["config"] = shown
+                return True
         return bool(extra)
+
+
+def _compact(text: str) -> str:
+    return json.dumps(json.loads(text), separators=(",", ":"))
+
+
+def _only(config: dict, keys: list[str]) -> dict:
+    """The entries of a nested ``config`` that the "/"-joined ``keys`` name."""
+    out: dict = {}
+    for key in keys:
+        *path, leaf = key.split("/")
+        source, target = config, out
+        for part in path:
+            source = source.get(part) if isinstance(source, dict) else None
+            target = target.setdefault(part, {})
+        if isinstance(source, dict) and leaf in source:
+            target[leaf] = source[leaf]
+    return out
+
+
+def table_params(spec: Spec) -> dict[str, str]:
+    """The progress table's config columns (key in Tune's config -> column title)."""
+    if spec.search.kind == "grid":
+        return {"trial/arm": "arm", "trial/lr": "lr", "trial/batch_size": "bs"}
+    # Optuna's lr key depends on the family, and Tune's table needs keys all trials have
+    return {"arm": "arm", "batch_size": "bs"}
 
 
 def reporter(spec: Spec):
     """Progress on the terminal: one row per trial, its arm, lr, batch size and metrics."""
     from ray.tune import CLIReporter
 
-    if spec.search.kind == "grid":
-        params: dict[str, str] = {"trial/arm": "arm", "trial/lr": "lr",
-                                  "trial/batch_size": "bs"}
-    else:  # Optuna's lr key depends on the family, and Tune's table needs keys all trials have
-        params = {"arm": "arm", "batch_size": "bs"}
-    return CLIReporter(parameter_columns=params, max_report_frequency=15,
+    return CLIReporter(parameter_columns=table_params(spec), max_report_frequency=15,
                        metric_columns={"epoch": "epoch", spec.search.metric: spec.search.metric,
                                        **dict(zip(TABLE_METRICS, ("test_acc", "train_loss")))},
                        sort_by_metric=True, max_progress_rows=12, max_error_rows=5)

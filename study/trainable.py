@@ -14,7 +14,8 @@ whole experiment state at every checkpoint (``num_to_keep=1``): a checkpoint per
 short trials made that O(trials) per trial (bench/scale.py). Tune gets a result (a round
 trip through the driver that the trial waits for) at evaluated epochs (results carry the
 search metric): with each checkpoint, at the trial's last epoch (what ``TrialOutcomes``
-reads), at most one a second in between, and every one under ASHA.
+reads), at most one every ``REPORT_EVERY_S`` in between (none before: a trial shorter than
+that reports once), and every one under ASHA.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from study.storage import Storage, TrialFiles
 from study.trial import Phases, run_trial
 
 STATE = "state.pt"            # a checkpoint folder's one file
-REPORT_EVERY_S = 1.0          # Tune gets at most one result a second between checkpoints
+REPORT_EVERY_S = 5.0          # Tune gets at most one result per 5 s between checkpoints
 
 
 def search_point(config: dict[str, Any], arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -73,8 +74,8 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
                                                               C.TAG_NODE_ID: node})
     tune_keys = {"arm": cfg.arm, "family": cfg.family, C.RUN_ID_KEY: run.run_id}
     scheduled = spec.scheduler.kind != "none"   # ASHA's rungs are epochs; it may end the trial
-    reported, last_report = False, -REPORT_EVERY_S                  # in any report
-    saved_at = time.monotonic()
+    reported = False                                                # in any report
+    last_report = saved_at = time.monotonic()
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         nonlocal reported, last_report, saved_at
@@ -86,11 +87,12 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         saved_at = time.monotonic() if state is not None else saved_at
         to_tune = spec.search.metric in metrics and (   # an evaluated epoch, and
             scheduled or last or time.monotonic() - last_report >= REPORT_EVERY_S)
-        if state is not None or (to_tune and scheduled) or histograms:
-            with phases.timed("log"):
+        if state is not None or (to_tune and scheduled):
+            with phases.timed("log"):   # what a resumed (or an ASHA-stopped) trial has logged
                 run.flush()
-                if histograms:
-                    run.log_json(C.GRAD_HIST, histograms)
+        if histograms:                  # the last epoch's metrics go with the run's end
+            with phases.timed("log"):
+                run.log_json(C.GRAD_HIST, histograms)
         if state is None and to_tune:
             with phases.timed("report"):
                 tune.report({**metrics, **tune_keys})
