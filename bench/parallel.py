@@ -28,11 +28,10 @@ one GPU (resources.gpu 0.25) against one trial at a time holding it (gpu 1) (tar
     .venv/bin/python bench/parallel.py [--trial-seconds 30] [--trials 4] [--repeats 1]
         [--json FILE]
 
-Measured (this 2-core machine, shared: not settled): quiet, two processes 39.3 s against the
-loop's 72.3 s (1.84x); at load 0.3 -> 5.5, --repeats 2: ray / two processes 1.00 end to end,
-1.22 steady, both slower than the loop (96.8 s) as the load rose. The study's fixed start:
-13.1 s to its parent run (MLflow store, data, Ray), 17.3 s to its first trial run (Tune,
-workers importing torch and MLflow's store) (README, Benchmarks).
+Measured (this 2-core machine, quiet, --trial-seconds 15 --repeats 2): two processes 29.3 s,
+the loop 53.2 s (1.82x), the study 41.8 s: ray / two processes 0.70 end to end, 0.93 steady;
+the study's fixed start and end 12.9 s (5.6 s to its parent run, 5.8 s to its first trial
+run, 1.4 s to shut Ray down) (README, Benchmarks).
 """
 from __future__ import annotations
 
