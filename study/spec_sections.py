@@ -268,7 +268,8 @@ class EvaluateSpec(Strict):
     """Which epochs evaluate the train / val / test splits (and report to Tune): every
     ``every``-th and always the last; the training metrics over ``train_examples`` of the
     training split (DeepOBS's train-eval set: a fixed sample, the same in every trial; the
-    whole split when unset or not smaller). On a small dataset evaluating costs as much as an
+    whole split when unset or not smaller), the divergence reference (the training loss at
+    the initial weights) too. On a small dataset evaluating costs as much as an
     epoch of training at large batches (README, Benchmarks)."""
 
     every: PositiveInt = 1

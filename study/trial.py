@@ -148,9 +148,9 @@ def run_trial(config: TrialConfig, log: LogFn | None = None, report: ReportFn | 
         c = parts.restore(state, phases)
     model, opt, probe = parts.model, parts.opt, parts.probe
     train_eval = train.sample(config.eval_train_examples)   # what the training metrics read
-    if c.initial_loss is None:
+    if c.initial_loss is None:    # the divergence reference: the training loss at step 0
         with phases.timed("eval"):
-            c.initial_loss = evaluate(model, train)[0]
+            c.initial_loss = evaluate(model, train_eval)[0]
 
     metrics: dict[str, Any] = {}
     saved_at = time.monotonic()

@@ -141,7 +141,7 @@ def test_training_metrics_over_a_fixed_sample_of_the_training_split(tmp_path):
     weights), the same 100 whatever the global seed; training, val and test are unchanged."""
     from study.data import input_shape, num_classes
     from study.models import build_model
-    from study.trial import load_splits
+    from study.trial import load_splits, seed_everything
 
     spec = tiny_spec(tmp_path)
     sampled = tiny_spec(tmp_path, evaluate={"train_examples": 100})
@@ -174,3 +174,15 @@ def test_training_metrics_over_a_fixed_sample_of_the_training_split(tmp_path):
     assert metrics["train_loss"] == pytest.approx(math.fsum(losses) / 100, rel=1e-5)
     assert metrics["train_accuracy"] == correct / 100
     assert abs(full[-1][0]["train_loss"] - metrics["train_loss"]) > 1e-3   # not the whole split
+
+    # the divergence reference is the training loss over the same sample, at the initial weights
+    seed_everything(config.seed)
+    initial = build_model(config.model, input_shape(train), num_classes(train, test),
+                          **config.model_options).double()
+    losses = []
+    with torch.no_grad():
+        for x, y in zip(sample.x.double(), sample.y):
+            logits = initial(x[None])[0]
+            losses.append(float(torch.logsumexp(logits, 0) - logits[y]))
+    assert state["counters"]["initial_loss"] == pytest.approx(math.fsum(losses) / 100, rel=1e-5)
+    assert abs(full[-1][1]["counters"]["initial_loss"] - state["counters"]["initial_loss"]) > 1e-4
