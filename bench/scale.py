@@ -26,7 +26,10 @@ whose load changes during the bench (this one is shared) biases neither side.
 Measured (2 worker nodes x 1 CPU, load average 2-4; 33 s for 200 trials, 205 s for 2,000):
 wall / trial 0.167 -> 0.102 s (0.61x), driver CPU 53 -> 48 ms (0.91x), snapshots 1.2 -> 1.4 ms
 (1.17x), driver MLflow 13.7 -> 11.9 ms, trial runs 145 -> 122 ms, experiment state 5.54 ->
-5.55 KB, Tune folder 9.9 KB, trials/ 32 B a trial: every ratio within 1.2x. Before
+5.55 KB, Tune folder 9.9 KB, trials/ 32 B a trial: every ratio within 1.2x. A later stop
+(compact state, load 0.8-2.9, twice): driver wall 0.69x / 0.68x, driver CPU 0.91x / 0.92x,
+trial runs 1.08x / 1.00x, Tune reports 1.23x / 1.10x, state 4.64 -> 4.65 KB; snapshots' time
+per trial 1.25x / 1.37x (under 1 ms: O(trials) each, more of them in a longer sweep). Before
 (commit 8d59ff4, 200 and 1,000 trials, load 9-25): wall / trial 0.299 -> 0.583 s (1.95x),
 driver CPU 103 -> 311 ms (3.0x), one snapshot of the whole state per trial (its last-epoch
 checkpoint forced it: CheckpointConfig(num_to_keep=1)), 17.8 -> 84.2 ms / trial (4.7x).
