@@ -193,8 +193,8 @@ class LeanTrialState(Callback):
                 if self._trim(kept.metrics):
                     meta.invalidate_cache()
             if hasattr(trial, "_state_json") and hasattr(meta, "_cached_json"):
-                trial._state_json = _compact(trial.get_json_state()[0])
-                meta._cached_json = _compact(meta.get_json_state())
+                state_json, meta_json = trial.get_json_state()   # Tune's cached texts
+                trial._state_json, meta._cached_json = _compact(state_json), _compact(meta_json)
 
     def _trim(self, result: dict) -> bool:
         extra = [k for k in result if k not in self.keep]
