@@ -72,8 +72,12 @@ class DataSplit:
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """In-order batches covering every example (evaluation and full passes)."""
         for start in range(0, len(self), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(self)), device=self.device)
-            yield self.batch(idx)
+            yield self.span(start, min(start + batch_size, len(self)))
+
+    def span(self, start: int, stop: int) -> Batch:
+        """Examples ``start`` to ``stop - 1``: views of the split's tensors, not a gather."""
+        idx = torch.arange(start, stop, device=self.device)
+        return Batch(self.x[start:stop], self.y[start:stop], idx)
 
     def to(self, device) -> DataSplit:
         return DataSplit(self.x.to(device), self.y.to(device))

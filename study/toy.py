@@ -72,6 +72,9 @@ class GeneratedSplit(DataSplit):
         idx = idx.to(self._device)
         return Batch(*sine2d_points(self.seed, self.block, idx), idx)
 
+    def span(self, start: int, stop: int) -> Batch:
+        return self.batch(torch.arange(start, stop))
+
     def to(self, device) -> GeneratedSplit:
         return GeneratedSplit(self.n, self.seed, self.block, device)
 

@@ -2,12 +2,13 @@
 
 Order of business, so bad input never starts anything: the spec is validated (by the
 caller), GPUs asked for are checked against the machine, the storage is checked writable,
-the tracking store is opened, the dataset is prepared once on the driver (a missing dataset
-fails here), and only then do Ray and the trials start. Running the same command again
-resumes: Tune restores the experiment from ``<storage>/<study>`` (finished trials are kept,
-unfinished ones continue from their checkpoints) and the sweep's MLflow parent run is reused
-(its id is kept in ``<storage>/<study>/gradstudy.json``). The report is the caller's next
-step (``study.cli``).
+the dataset is prepared once on the driver (a missing dataset fails here), the tracking
+store is opened while Ray's runtime starts (a runtime started here is shut down again if the
+store fails), and only then does the sweep record anything or start a trial. Running the same
+command again resumes: Tune restores the experiment from ``<storage>/<study>`` (finished
+trials are kept, unfinished ones continue from their checkpoints) and the sweep's MLflow
+parent run is reused (its id is kept in ``<storage>/<study>/gradstudy.json``). The report is
+the caller's next step (``study.cli``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,18 +93,21 @@ def run_study(spec: Spec, spec_path: str | Path | None = None, *, address: str |
         raise SpecError(f"tracking.uri: the sweep stored in {store.study_uri} logs to "
                         f"{state['tracking_uri']}, not {uri}; resume with that URI or start a "
                         f"new sweep with {FRESH_HINT}")
-    exp_id = open_store(uri, spec.name)
     spec = _absolute_data_root(spec)   # after the hash: the spec as written identifies a sweep
     load_splits(spec.dataset)  # generate / read the dataset once here: missing data fails now
+    with ThreadPoolExecutor(1) as pool:   # both take seconds, mostly waiting on other processes
+        opened = pool.submit(open_store, uri, spec.name)
+        started_ray = _start_ray(spec, address)
+        try:
+            exp_id = opened.result()
+        except BaseException:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
     if fresh:
         store.set_aside(time.strftime("%Y%m%d-%H%M%S"))
-
-    import ray
-
-    if not ray.is_initialized():
-        # "local" always starts a private runtime: never attach to whatever cluster is running
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(spec)}})
     _check_cluster_gpus(spec)
 
     spec_text = Path(spec_path).read_text() if spec_path else yaml.safe_dump(spec.model_dump())
@@ -264,6 +269,19 @@ def _unfinished(study_uri: str, expected: int) -> int:
         trials = ExperimentAnalysis(study_uri).trials
     not_ended = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
     return not_ended + max(0, expected - len(trials))
+
+
+def _start_ray(spec: Spec, address: str | None) -> bool:
+    """Ray's runtime for the study, unless the caller started one; True when started here.
+    "local" (no address) always starts a private runtime: never attach to whatever cluster is
+    running."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(spec)}})
+    return True
 
 
 def _pythonpath(spec: Spec) -> str:

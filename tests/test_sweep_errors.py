@@ -101,3 +101,16 @@ def test_changed_spec_says_how_to_start_over_and_leaves_nothing_running(tmp_path
     line = refused(run_sweep(tmp_path, write_spec(tmp_path), "--tracking-uri", other,
                              ray_tmp=short_tmp), "tracking.uri:", "other.db")
     assert not (tmp_path / "other.db").exists()
+
+
+def test_missing_image_dataset_names_the_root_and_starts_nothing(tmp_path, short_tmp):
+    """The data is read before the tracking store is opened and Ray starts beside it: a missing
+    dataset leaves no store, no results and no Ray runtime behind."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    spec = write_spec(tmp_path, dataset={"name": "mnist", "root": str(empty)})
+    refused(run_sweep(tmp_path, spec, ray_tmp=short_tmp), "dataset.name: mnist",
+            f"dataset.root={empty}")
+    assert not (tmp_path / "mlflow.db").exists(), "the tracking store was opened"
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    assert not list(short_tmp.iterdir()), "a Ray runtime was started"

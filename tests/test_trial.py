@@ -189,3 +189,21 @@ def float64_loop(model, split) -> tuple[float, float]:
             losses.append(float(torch.logsumexp(logits, 0) - logits[y]))
             correct += int(logits.argmax() == y)
     return math.fsum(losses) / len(losses), correct / len(losses)
+
+
+@pytest.mark.parametrize("n", [1, 2047, 2049, 4500])
+def test_evaluate_matches_a_float64_loop_over_examples(n):
+    """Loss and accuracy over a split in large batches (the last one partial) against the
+    float64 loop, on a model whose predictions are mixed (some right, some wrong)."""
+    from study.data import DataSplit
+    from study.models import build_model
+    from study.trial import evaluate
+
+    g = torch.Generator().manual_seed(n)
+    split = DataSplit(torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g))
+    torch.manual_seed(0)
+    model = build_model("mlp", (40,), 10, widths=[16])
+    loss, accuracy = evaluate(model, split)
+    true_loss, true_accuracy = float64_loop(model, split)
+    assert loss == pytest.approx(true_loss, rel=1e-6)
+    assert accuracy == true_accuracy
