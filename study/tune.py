@@ -274,7 +274,9 @@ def _unfinished(study_uri: str, expected: int) -> int:
 def _start_ray(spec: Spec, address: str | None) -> bool:
     """Ray's runtime for the study, unless the caller started one; True when started here.
     "local" (no address) always starts a private runtime: never attach to whatever cluster is
-    running."""
+    running. (The workers Ray starts with its runtime never take a trial: Tune gives its trial
+    actors a runtime env of their own, and Ray gives an actor only a worker started for that
+    env; importing torch and MLflow in them ahead, ``preload_python_modules``, measured slower.)"""
     import ray
 
     if ray.is_initialized():
