@@ -93,7 +93,7 @@ def evaluate(model: torch.nn.Module, split: DataSplit) -> tuple[float, float]:
 def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``loss_fn(logits, targets).sum()`` computed over (classes, examples): torch's CPU
     log-softmax over the first dimension is ~5x faster than over a short last one (1,000 x
-    10 logits: 42 vs 227 us, the same values), a quarter of a small model's evaluation.
+    10 logits: 42 vs 227 us, the same values), a fifth of a small model's evaluation.
     Training keeps ``loss_fn``: with autograd at its batch sizes the transpose is slower."""
     return -torch.log_softmax(logits.t(), 0).gather(0, targets[None]).sum()
 
