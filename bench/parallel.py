@@ -4,12 +4,16 @@ what two plain processes side by side get on the same cores (the physical limit)
 The same trials (the default study's MLP 40-100-100-10 with SGD+momentum and the default
 variance measurement, ``--trials`` seeds at lr 0.1, batch 32, on MNIST-1D generated at
 ``--size`` examples, 70k by default, so that epochs are long (~1 s) rather than many; epochs
-chosen so one trial takes about ``--trial-seconds`` here) are run three ways in one process,
-interleaved when repeated:
+chosen so one trial takes about ``--trial-seconds`` here), or with ``--spec FILE`` a whole
+study's trials as written (e.g. the default study's 300), are run up to four ways in one
+process, interleaved when repeated:
 
 - **loop**: ``run_trial`` called directly, one trial after another (no Ray, no MLflow);
 - **two processes**: two plain processes side by side, each running half the trials through
   ``run_trial`` (no Ray, no MLflow): on 2 cores, the most any scheduler can get;
+- **logged** (only when asked): the same two processes, each trial logged to its own MLflow
+  child run in a fresh sqlite store as a sweep logs it (no Ray, no Tune): against **two** it
+  prices the runs themselves, against **ray** what Ray and Tune add;
 - **ray**: ``run_study`` on a fresh local Ray runtime, 1 CPU per trial (so two at once on two
   cores), with everything a sweep does: MLflow sqlite child runs, Tune reports and
   checkpoints, the runtime's own start-up.
@@ -26,7 +30,7 @@ end), loop / ray >= 1.8x. With a GPU it also compares trials per hour with 4 tri
 one GPU (resources.gpu 0.25) against one trial at a time holding it (gpu 1) (target >= 3x).
 
     .venv/bin/python bench/parallel.py [--trial-seconds 30] [--trials 4] [--repeats 1]
-        [--ways loop two ray] [--json FILE]
+        [--ways loop two logged ray] [--spec search_spaces/default.yaml] [--json FILE]
 
 Measured (this 2-core machine, quiet, --trial-seconds 15 --repeats 2): two processes 29.3 s,
 the loop 53.2 s (1.82x), the study 41.8 s: ray / two processes 0.70 end to end, 0.93 steady;
@@ -93,18 +97,27 @@ def load_trials(source: tuple):
         update={"root": str(Path(spec.dataset.root).resolve())})})
 
 
-def _plain(source: tuple, counter, barrier, queue) -> None:
+def _plain(source: tuple, counter, barrier, queue, tracking: dict | None = None) -> None:
     """Trials of the spec, each taken from the shared ``counter`` as the process is free (as
     Tune hands them out: trials of unequal length keep both processes busy), at the niceness
-    Ray gives its trial workers, 1 torch thread; puts (first start, end) on ``queue``."""
+    Ray gives its trial workers, 1 torch thread; puts (first start, end) on ``queue``. With
+    ``tracking`` ({"uri", "experiment_id", "parent_run_id"}) each trial is logged to its own
+    MLflow child run as a sweep's trial is (``TrialRun``: created, metrics in one write at
+    the end with its phases' seconds, ended), without Ray or Tune."""
     import torch
 
-    from study.trial import run_trial
+    from study import contract as C
+    from study.trial import Phases, run_trial
 
     os.nice(int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0))
     torch.set_num_threads(1)
     spec = load_trials(source)
     points = spec.trials()
+    if tracking:
+        from study.tracking import TrialRun, client_for
+        from study.trainable import dataset_identity
+
+        client_for(tracking["uri"])      # the store opened once per process, as a Ray worker does
     barrier.wait()                       # side by side: both start their trials together
     start = time.time()
     while True:
@@ -112,19 +125,41 @@ def _plain(source: tuple, counter, barrier, queue) -> None:
             i, counter.value = counter.value, counter.value + 1
         if i >= len(points):
             break
-        run_trial(spec.trial_config(points[i]))
+        cfg = spec.trial_config(points[i])
+        if not tracking:
+            run_trial(cfg)
+            continue
+        run = TrialRun(**tracking, trial_id=f"plain-{i:05d}", params=cfg.params(),
+                       tags={"family": cfg.family, "variant": cfg.variant, "model": cfg.model,
+                             "arm": cfg.arm}, dataset=dataset_identity(cfg.dataset))
+        phases = Phases()
+        final = run_trial(cfg, log=run.log, phases=phases)
+        run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
+                final.get(C.ITERATION, 0))
+        run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
     queue.put((start, time.time()))
 
 
-def run_plain(source: tuple, processes: int) -> tuple[float, float]:
+def run_plain(source: tuple, processes: int, workdir: Path | None = None) -> tuple[float, float]:
     """(end to end: spawn -> last process done, steady: first trial start -> last end) of
-    the spec's trials run by ``processes`` plain processes side by side."""
+    the spec's trials run by ``processes`` plain processes side by side; with ``workdir``,
+    each trial logged to MLflow in a fresh sqlite store there (its creation on the clock, as
+    a sweep's is)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     queue, barrier, counter = ctx.Queue(), ctx.Barrier(processes), ctx.Value("i", 0)
     start = time.perf_counter()
-    children = [ctx.Process(target=_plain, args=(source, counter, barrier, queue))
+    tracking = None
+    if workdir is not None:
+        from study.tracking import open_store, study_parent
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        exp = open_store(uri, "bench-parallel-logged")
+        tracking = {"uri": uri, "experiment_id": exp,
+                    "parent_run_id": study_parent(uri, exp, "bench-parallel-logged", None, {}, {})}
+    children = [ctx.Process(target=_plain, args=(source, counter, barrier, queue, tracking))
                 for _ in range(processes)]
     for child in children:
         child.start()
@@ -178,6 +213,10 @@ def trials_per_hour(spec, workdir: Path) -> float:
 # figure -> (numerator, denominator) of wall times: throughput of the denominator's way
 # relative to the numerator's
 RATIOS = {"ray_vs_two": ("two", "ray"), "ray_vs_two_steady": ("two_steady", "ray_steady"),
+          "ray_vs_logged": ("logged", "ray"),
+          "ray_vs_logged_steady": ("logged_steady", "ray_steady"),
+          "logged_vs_two": ("two", "logged"),
+          "logged_vs_two_steady": ("two_steady", "logged_steady"),
           "speedup": ("loop", "ray"), "speedup_trials_span": ("loop_steady", "ray_steady"),
           "two_speedup": ("loop", "two"), "two_speedup_steady": ("loop_steady", "two_steady")}
 
@@ -186,6 +225,7 @@ def report(f: dict) -> None:
     n = f["trials"]
     print("| way | wall s (end to end) | steady s | trials/hour (end to end) |\n|---|---|---|---|")
     for way, label in (("loop", "loop, one after another"), ("two", "two plain processes"),
+                       ("logged", "two plain processes, MLflow runs"),
                        ("ray", "ray study, 2 workers")):
         if f"{way}_s" in f:
             print(f"| {label} | {f[way + '_s']:.1f} | {f[way + '_steady_s']:.1f} | "
@@ -196,6 +236,12 @@ def report(f: dict) -> None:
     if "ray_vs_two" in f:
         print(f"ray / two processes (throughput): {f['ray_vs_two']:.3f} end to end, "
               f"{f['ray_vs_two_steady']:.3f} steady (target >= 0.90)")
+    if "logged_vs_two" in f:
+        print(f"two processes logging to MLflow / two plain: {f['logged_vs_two']:.3f} end to "
+              f"end, {f['logged_vs_two_steady']:.3f} steady (what the runs cost)")
+    if "ray_vs_logged" in f:
+        print(f"ray / two processes logging to MLflow: {f['ray_vs_logged']:.3f} end to end, "
+              f"{f['ray_vs_logged_steady']:.3f} steady (what Ray and Tune cost)")
     if "speedup" in f:
         print(f"speedup over the loop: ray {f['speedup']:.2f}x end to end (target >= 1.8x), "
               f"{f['speedup_trials_span']:.2f}x steady")
@@ -214,8 +260,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=70000, help="MNIST-1D examples generated")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the ways")
     ap.add_argument("--ways", nargs="+", default=["loop", "two", "ray"],
-                    choices=["loop", "two", "ray"], help="run only these (the loop gives the "
-                    "speed-ups; ray against two processes is the target)")
+                    choices=["loop", "two", "logged", "ray"],
+                    help="run only these (the loop gives the speed-ups; ray against two "
+                    "processes is the target; logged: two processes logging each trial to "
+                    "MLflow, which splits the gap into MLflow's part and Ray's)")
     ap.add_argument("--spec", help="run this study's trials (e.g. search_spaces/default.yaml) "
                     "instead of --trials equal ones (--trial-seconds, --size unused)")
     ap.add_argument("--json", help="write the figures to this file")
@@ -248,7 +296,8 @@ def main() -> None:
               f"~{epochs * per_epoch:.0f} s/trial alone); cores: {os.cpu_count()}")
     load_before = os.getloadavg()[0]
 
-    walls: dict[str, list[float]] = {k: [] for k in ("loop", "two", "ray") if k in args.ways}
+    walls: dict[str, list[float]] = {k: [] for k in ("loop", "two", "logged", "ray")
+                                     if k in args.ways}
     steady: dict[str, list[float]] = {k: [] for k in walls}
     stages: list[list[float]] = []
     for rep in range(args.repeats):
@@ -257,7 +306,8 @@ def main() -> None:
             if way == "ray":
                 wall, span = run_ray(spec, tmp / f"ray{rep}", stages)
             else:
-                wall, span = run_plain(source, 1 if way == "loop" else 2)
+                wall, span = run_plain(source, 1 if way == "loop" else 2,
+                                       tmp / f"logged{rep}" if way == "logged" else None)
             walls[way].append(wall)
             steady[way].append(span)
             print(f"  {way}: {wall:.1f} s end to end, {span:.1f} s steady", flush=True)
