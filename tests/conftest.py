@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,20 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def head_command(word: str) -> str:
+    """The one command of cluster.yaml's ``head_start_ray_commands`` that contains ``word``."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    return next(c for c in cfg["head_start_ray_commands"] if word in c)
+
+
+def head_server_env() -> dict[str, str]:
+    """The MLflow settings a cluster's head starts its tracking server with (the store's
+    connection pool), read from cluster.yaml, so tests run the server as the head does."""
+    return dict(re.findall(r"(MLFLOW_SQLALCHEMYSTORE_\w+)=(\S+)", head_command("mlflow server")))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +53,8 @@ def free_port() -> int:
 class MlflowServer:
     """An MLflow tracking server (one worker, no job runner) on 127.0.0.1 with its own
     artifact folder: ``mlflow ui`` on a sqlite store by default (~8 s and ~0.5 GiB), or
-    ``mlflow server`` on ``backend`` (a PostgreSQL URI: what a cluster's head runs)."""
+    ``mlflow server`` on ``backend`` (a PostgreSQL URI: what a cluster's head runs, with the
+    head's pool settings)."""
 
     def __init__(self, folder: Path, port: int | None = None, backend: str | None = None):
         self.folder = folder
@@ -50,7 +66,8 @@ class MlflowServer:
 
     def start(self, timeout_s: float = 90.0) -> MlflowServer:
         self.folder.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               **(head_server_env() if self.backend else {})}
         mlflow = Path(sys.executable).with_name("mlflow")
         self.log = open(self.folder / "server.log", "a")
         self.proc = subprocess.Popen(

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 from _tracking_trial import METRICS
+from conftest import head_command, head_server_env
 
 from study import contract as C
-from study.tracking import open_store, study_parent
+from study.tracking import POOL_TIMEOUT, open_store, study_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 32
@@ -88,6 +89,10 @@ def test_concurrent_trials_lose_no_metric(pg_mlflow, tmp_path):
     check_store(pg_mlflow.postgres, experiment, parent, epochs)
     print(f"{TRIALS} trials x {epochs} epochs x {METRICS} metrics: "
           f"{time.monotonic() - started:.1f} s")
+    # the server's pool is sized for its threads (below): no request waits 30 s for a connection
+    starved = [i for i in range(TRIALS) if POOL_TIMEOUT in (tmp_path / "logs" / f"{i}.log")
+               .read_text()]
+    assert not starved, f"trials {starved} waited out the server's connection pool"
 
 
 @pytest.mark.slow
@@ -119,18 +124,37 @@ def test_server_restarted_mid_study_keeps_every_metric_once(pg_mlflow, tmp_path,
     check_store(pg, experiment, parent, epochs)
     texts = [(tmp_path / "logs" / f"{i}.log").read_text() for i in range(TRIALS)]
     waited = sum("retrying" in t for t in texts)
-    pool = sum("3o7r" in t for t in texts)   # the server's database pool ran dry (BAD_REQUEST)
+    pool = sum(POOL_TIMEOUT in t for t in texts)  # the server's pool ran dry (BAD_REQUEST)
     print(f"{waited} of {TRIALS} trials waited for the server in study.tracking "
           f"({pool} of them on a pool timeout)")
     if http_retries == "none":
         assert waited, "no trial needed study.tracking's retries: the restart tested nothing"
+    assert pool == 0, "the restarted server's connection pool ran dry"
 
 
-def head_command(word: str) -> str:
-    import yaml
+def test_the_heads_mlflow_pool_outlasts_its_threads():
+    """MLflow's server runs each request in one of anyio's worker threads (40 per uvicorn
+    worker), and ``log_batch`` holds two pooled connections at once (the run read in one
+    session, the metrics written in another, ``SqlAlchemyStore.log_batch``). A pool under
+    twice the threads deadlocks under load: every thread holds one connection and waits for a
+    second until the pool's 30-s timeout (MLflow's default pool, 5 + 10: 30 of 32 trials of
+    the concurrent test above hit it on a slow machine). cluster.yaml sizes the pool for the
+    threads, and PostgreSQL's connections for all of the server's workers."""
+    import re
 
-    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    return next(c for c in cfg["head_start_ray_commands"] if word in c)
+    import anyio
+    import anyio.to_thread
+
+    async def limit() -> int:
+        return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+
+    threads, env = anyio.run(limit), head_server_env()
+    pool = int(env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(
+        env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"])
+    assert pool >= 2 * threads, (pool, threads)
+    workers = int(re.search(r"--workers (\d+)", head_command("mlflow server")).group(1))
+    connections = int(re.search(r"max_connections=(\d+)", head_command("initdb")).group(1))
+    assert connections >= workers * pool + 10, (connections, workers, pool)
 
 
 @pytest.mark.slow
