@@ -221,6 +221,17 @@ RATIOS = {"ray_vs_two": ("two", "ray"), "ray_vs_two_steady": ("two_steady", "ray
           "two_speedup": ("loop", "two"), "two_speedup_steady": ("loop_steady", "two_steady")}
 
 
+# (end-to-end figure, steady figure, what it is) as report prints them
+RATIO_LINES = (
+    ("ray_vs_two", "ray_vs_two_steady", "ray / two processes (throughput; target >= 0.90)"),
+    ("logged_vs_two", "logged_vs_two_steady",
+     "two processes logging to MLflow / two plain (what the runs cost)"),
+    ("ray_vs_logged", "ray_vs_logged_steady",
+     "ray / two processes logging to MLflow (what Ray and Tune cost)"),
+    ("speedup", "speedup_trials_span", "ray over the loop (target >= 1.8x end to end)"),
+    ("two_speedup", "two_speedup_steady", "two processes over the loop"))
+
+
 def report(f: dict) -> None:
     n = f["trials"]
     print("| way | wall s (end to end) | steady s | trials/hour (end to end) |\n|---|---|---|---|")
@@ -233,21 +244,9 @@ def report(f: dict) -> None:
     if "ray_stages_s" in f:
         print("the ray study's wall time: " + ", ".join(f"{k} {v:.1f} s"
                                                         for k, v in f["ray_stages_s"].items()))
-    if "ray_vs_two" in f:
-        print(f"ray / two processes (throughput): {f['ray_vs_two']:.3f} end to end, "
-              f"{f['ray_vs_two_steady']:.3f} steady (target >= 0.90)")
-    if "logged_vs_two" in f:
-        print(f"two processes logging to MLflow / two plain: {f['logged_vs_two']:.3f} end to "
-              f"end, {f['logged_vs_two_steady']:.3f} steady (what the runs cost)")
-    if "ray_vs_logged" in f:
-        print(f"ray / two processes logging to MLflow: {f['ray_vs_logged']:.3f} end to end, "
-              f"{f['ray_vs_logged_steady']:.3f} steady (what Ray and Tune cost)")
-    if "speedup" in f:
-        print(f"speedup over the loop: ray {f['speedup']:.2f}x end to end (target >= 1.8x), "
-              f"{f['speedup_trials_span']:.2f}x steady")
-    if "two_speedup" in f:
-        print(f"speedup over the loop: two processes {f['two_speedup']:.2f}x end to end, "
-              f"{f['two_speedup_steady']:.2f}x steady")
+    for key, steady, label in RATIO_LINES:
+        if key in f:
+            print(f"{label}: {f[key]:.3f} end to end, {f[steady]:.3f} steady")
     print(f"1-min load average before/after: {f['load_avg_1min'][0]:.1f}/"
           f"{f['load_avg_1min'][1]:.1f} on {os.cpu_count()} cores")
 
