@@ -37,7 +37,12 @@ the loop 53.2 s (1.82x), the study 41.8 s: ray / two processes 0.70 end to end, 
 the study's fixed start and end 12.9 s (5.6 s to its parent run, 5.8 s to its first trial
 run, 1.4 s to shut Ray down) (README, Benchmarks). A longer study, ``--trials 8
 --trial-seconds 30 --ways two ray`` (a later stop): two processes 150.4 s, the study 168.6 s:
-0.89 end to end, 0.99 steady.
+0.89 end to end, 0.99 steady. The default study, ``--spec search_spaces/default.yaml --ways
+two ray``: two processes 278.8 s, the study 317.3 s: 0.88 end to end, 0.91 steady (0.86-0.87
+and 0.89-0.90 in a second run). Its 150 MLP trials, ``--ways two logged ray --repeats 2`` on a
+~3x slower machine: logged / two 0.90 end to end (0.97 steady), ray / logged 0.97 (0.97) in
+the first repeat, the second drifting (0.83, 0.84): MLflow's runs, mostly their start (a fresh
+store, MLflow's import), cost as much of the gap as Ray and Tune.
 """
 from __future__ import annotations
 
