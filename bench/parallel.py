@@ -42,7 +42,7 @@ two ray``: two processes 278.8 s, the study 317.3 s: 0.88 end to end, 0.91 stead
 and 0.89-0.90 in a second run). Its 150 MLP trials, ``--ways two logged ray --repeats 2`` on a
 ~3x slower machine: logged / two 0.90 end to end (0.97 steady), ray / logged 0.97 (0.97) in
 the first repeat, the second drifting (0.83, 0.84): MLflow's runs, mostly their start (a fresh
-store, MLflow's import), cost as much of the gap as Ray and Tune.
+store, MLflow's import), are more of the gap than Ray and Tune.
 """
 from __future__ import annotations
 
