@@ -111,7 +111,6 @@ def _plain(source: tuple, counter, barrier, queue, tracking: dict | None = None)
     the end with its phases' seconds, ended), without Ray or Tune."""
     import torch
 
-    from study import contract as C
     from study.trial import Phases, run_trial
 
     os.nice(int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0))
@@ -120,7 +119,7 @@ def _plain(source: tuple, counter, barrier, queue, tracking: dict | None = None)
     points = spec.trials()
     if tracking:
         from study.tracking import TrialRun, client_for
-        from study.trainable import dataset_identity
+        from study.trainable import dataset_identity, end_run, run_tags
 
         client_for(tracking["uri"])      # the store opened once per process, as a Ray worker does
     barrier.wait()                       # side by side: both start their trials together
@@ -135,13 +134,9 @@ def _plain(source: tuple, counter, barrier, queue, tracking: dict | None = None)
             run_trial(cfg)
             continue
         run = TrialRun(**tracking, trial_id=f"plain-{i:05d}", params=cfg.params(),
-                       tags={"family": cfg.family, "variant": cfg.variant, "model": cfg.model,
-                             "arm": cfg.arm}, dataset=dataset_identity(cfg.dataset))
+                       tags=run_tags(cfg), dataset=dataset_identity(cfg.dataset))
         phases = Phases()
-        final = run_trial(cfg, log=run.log, phases=phases)
-        run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
-                final.get(C.ITERATION, 0))
-        run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
+        end_run(run, run_trial(cfg, log=run.log, phases=phases), phases)
     queue.put((start, time.time()))
 
 

@@ -114,6 +114,17 @@ def trainable(config: dict[str, Any], spec: Spec, arms: dict[str, dict[str, Any]
         raise
     if not reported and spec.search.metric in final:  # resumed from its last epoch's checkpoint
         tune.report({**final, **tune_keys})
+    end_run(run, final, phases)
+
+
+def run_tags(cfg) -> dict[str, str]:
+    """What a trial's MLflow run is tagged with besides its study's and node's tags."""
+    return {"family": cfg.family, "variant": cfg.variant, "model": cfg.model, "arm": cfg.arm}
+
+
+def end_run(run, final: dict[str, Any], phases: Phases) -> None:
+    """A trial that ended by itself: its phases' seconds at its last step, then the run's end
+    with its status (finished or diverged)."""
     run.log({f"{C.OVERHEAD_PREFIX}{name}_s": s for name, s in phases.items()},
             final.get(C.ITERATION, 0))
     run.end(C.DIVERGED if final.get(C.DIVERGED_FLAG) else C.FINISHED)
@@ -143,8 +154,7 @@ def _resume(files: TrialFiles, tracking: dict[str, str], trial_id: str, cfg,
             run_id = found.info.run_id if found else None
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"],
                    trial_id, cfg.params(),
-                   tags={**tags, "family": cfg.family, "variant": cfg.variant,
-                         "model": cfg.model, "arm": cfg.arm},
+                   tags={**tags, **run_tags(cfg)},
                    dataset=dataset_identity(cfg.dataset), run_id=run_id)
     if run_id is None:
         files.set_run_id(run.run_id)

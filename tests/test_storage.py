@@ -95,7 +95,6 @@ def test_metrics_wait_for_a_flush(tmp_path):
     assert client.get_run(run.run_id).data.metrics["epoch"] == 4
 
 
-
 def test_a_sqlite_store_is_opened_in_write_ahead_log_mode(tmp_path, caplog):
     """``open_store`` switches a sqlite store to WAL (fewer syncs per trial write; readers do
     not block writers): a new store, and an old one in the default journal mode with its runs
@@ -137,6 +136,7 @@ def test_a_sqlite_store_is_opened_in_write_ahead_log_mode(tmp_path, caplog):
         lock.close()
     assert exp and mode(held) == "delete"
     assert "stays in its journal mode" in caplog.text
+
 
 DEFAULT_STUDY_TRIALS = 186
 FOLDER_BYTES_PER_TRIAL = 50e6 / DEFAULT_STUDY_TRIALS   # the default study's folder <= 50 MB

@@ -70,6 +70,11 @@ def wait_all(procs, logs: Path, timeout_s: float) -> None:
                 proc.wait()
 
 
+def starved(logs: Path) -> list[int]:
+    """The trials whose log says a write waited out the server's connection pool."""
+    return [i for i in range(TRIALS) if POOL_TIMEOUT in (logs / f"{i}.log").read_text()]
+
+
 def check_store(pg, experiment: int, parent: str, epochs: int) -> None:
     rows, distinct = pg.query(COUNTS, experiment)[0]
     assert (rows, distinct) == (TRIALS * epochs * METRICS,) * 2, \
@@ -90,9 +95,8 @@ def test_concurrent_trials_lose_no_metric(pg_mlflow, tmp_path):
     print(f"{TRIALS} trials x {epochs} epochs x {METRICS} metrics: "
           f"{time.monotonic() - started:.1f} s")
     # the server's pool is sized for its threads (below): no request waits 30 s for a connection
-    starved = [i for i in range(TRIALS) if POOL_TIMEOUT in (tmp_path / "logs" / f"{i}.log")
-               .read_text()]
-    assert not starved, f"trials {starved} waited out the server's connection pool"
+    waited = starved(tmp_path / "logs")
+    assert not waited, f"trials {waited} waited out the server's connection pool"
 
 
 @pytest.mark.slow
@@ -124,7 +128,7 @@ def test_server_restarted_mid_study_keeps_every_metric_once(pg_mlflow, tmp_path,
     check_store(pg, experiment, parent, epochs)
     texts = [(tmp_path / "logs" / f"{i}.log").read_text() for i in range(TRIALS)]
     waited = sum("retrying" in t for t in texts)
-    pool = sum(POOL_TIMEOUT in t for t in texts)  # the server's pool ran dry (BAD_REQUEST)
+    pool = len(starved(tmp_path / "logs"))  # the server's pool ran dry (BAD_REQUEST)
     print(f"{waited} of {TRIALS} trials waited for the server in study.tracking "
           f"({pool} of them on a pool timeout)")
     if http_retries == "none":
